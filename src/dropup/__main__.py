@@ -1,0 +1,3 @@
+from dropup.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""Checkpoint I/O: lazy reading of Hugging Face checkpoints, streaming sharded safetensors writing,
+and output directories that appear whole or not at all.
+
+Reading maps one safetensors file per tensor request (``safe_open``) and lets the mapping go as
+soon as the tensor is dropped, so resident memory holds only what is being worked on. Writing
+knows every output tensor's name, dtype and shape up front (the plan), so each shard's header is
+written first and tensors are streamed after it one at a time: no shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dropup.errors import UserError
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_ST = {v: k for k, v in ST_DTYPES.items()}
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Tensors some old checkpoints carry that are recomputed by the model and never loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header without mapping the data.
+
+    A truncated download or a file that is not safetensors is caught here, with its name, before
+    any tensor is touched (a truncated file read through a memory map would crash the process).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError("header length is larger than the file")
+            header = json.loads(f.read(n))
+        data_len = size - 8 - n
+        out: dict[str, TensorInfo] = {}
+        end_max = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = ST_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(path, dtype, tuple(int(d) for d in entry["shape"]))
+            if end - begin != info.nbytes or end > data_len:
+                raise ValueError(f"tensor {name} lies outside the file (truncated?)")
+            end_max = max(end_max, end)
+            out[name] = info
+        if end_max != data_len:
+            raise ValueError(f"data section is {data_len} bytes but the header describes {end_max}")
+        return out
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as e:
+        raise UserError(
+            f"{path}: not a valid safetensors file ({e}); re-download or re-save it"
+        ) from None
+
+
+class DenseCheckpoint:
+    """A Hugging Face checkpoint directory opened for lazy, tensor-by-tensor reading."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "SRC"):
+        self.path = Path(path)
+        self.what = what
+        if not self.path.is_dir():
+            raise UserError(f"{what} {self.path} does not exist or is not a directory; "
+                            "pass a Hugging Face checkpoint directory")
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{what} {self.path} has no config.json; pass a Hugging Face "
+                            "checkpoint directory (save it with save_pretrained)")
+        try:
+            self.config: dict = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.tensors: dict[str, TensorInfo] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        self._index_weights()
+
+    def _index_weights(self) -> None:
+        p = self.path
+        if (p / "model.safetensors.index.json").is_file():
+            files = sorted(set(self._read_index(p / "model.safetensors.index.json").values()))
+            for fname in files:
+                f = p / fname
+                if not f.is_file():
+                    raise UserError(f"{self.what}: shard {f} named by the index is missing")
+                self.tensors.update(read_safetensors_header(f))
+        elif (p / "model.safetensors").is_file():
+            self.tensors.update(read_safetensors_header(p / "model.safetensors"))
+        elif (p / "pytorch_model.bin").is_file() or (p / "pytorch_model.bin.index.json").is_file():
+            self._load_bin()
+        else:
+            raise UserError(f"{self.what} {p} holds no model.safetensors, sharded safetensors "
+                            "or pytorch_model.bin weights")
+        for name in [n for n in self.tensors if n.endswith(IGNORED_SUFFIXES)]:
+            del self.tensors[name]
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            return json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a valid weight index ({e})") from None
+
+    def _load_bin(self) -> None:
+        """Legacy pickled weights, read only with ``weights_only=True`` (no code execution)."""
+        p = self.path
+        if (p / "pytorch_model.bin.index.json").is_file():
+            files = sorted(set(self._read_index(p / "pytorch_model.bin.index.json").values()))
+        else:
+            files = ["pytorch_model.bin"]
+        self._bin = {}
+        for fname in files:
+            f = p / fname
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means "refuse"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(
+                    f"{f}: cannot be read safely with torch.load(weights_only=True) ({first[:160]}); "
+                    "convert it to safetensors"
+                ) from None
+            for name, t in sd.items():
+                self._bin[name] = t
+                self.tensors[name] = TensorInfo(f, t.dtype, tuple(t.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if self._bin is not None:
+            return self._bin[name]
+        # A fresh mapping per tensor: it is released with the tensor, keeping memory bounded.
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def copy_side_files(self, dst: Path) -> list[str]:
+        copied = []
+        for fname in TOKENIZER_FILES:
+            f = self.path / fname
+            if f.is_file():
+                shutil.copyfile(f, dst / fname)
+                copied.append(fname)
+        return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MB', '2GiB', or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)].strip()
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise UserError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB or 500MB") from None
+    if value <= 0:
+        raise UserError(f"--max-shard-size {text!r} must be positive")
+    return value
+
+
+def split_shards(plan: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of the plan, each at most max_bytes (a single larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in plan:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_ST[spec.dtype], "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes the tensors of a fixed plan, in plan order, into safetensors shards.
+
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
+    with ``model.safetensors.index.json``, the names ``save_pretrained`` uses.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.shards = split_shards(plan, max_shard_bytes)
+        n = len(self.shards)
+        self.files = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self._queue: Iterator[tuple[int, TensorSpec]] = iter(
+            (i, s) for i, shard in enumerate(self.shards) for s in shard)
+        self._shard = -1
+        self._fh = None
+        self.total_bytes = sum(s.nbytes for s in plan)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, spec = next(self._queue)
+        if spec.name != name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"plan says {spec}")
+        if shard != self._shard:
+            self._open(shard)
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+
+    def _open(self, shard: int) -> None:
+        self._close_file()
+        self._shard = shard
+        self._fh = open(self.out_dir / self.files[shard], "wb", buffering=0)
+        self._fh.write(_header_bytes(self.shards[shard], {"format": "pt"}))
+
+    def _close_file(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> None:
+        leftover = next(self._queue, None)
+        if leftover is not None:
+            raise RuntimeError(f"writer closed before {leftover[1].name} was written")
+        self._close_file()
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {s.name: self.files[i] for i, shard in enumerate(self.shards)
+                               for s in shard},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        self._close_file()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``out``; on success it is renamed to ``out``.
+
+    On any failure (including Ctrl-C) the temporary directory is removed and ``out`` is left as it
+    was. A process killed outright leaves only a dot-directory named ``.<out>.dropup-tmp-<pid>``,
+    never something that looks like a finished checkpoint.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"OUT {out} is not empty; pass --overwrite to replace it or choose another path")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the parent directory of OUT, {parent}, does not exist; create it first")
+    tmp = parent / f".{out.name}.dropup-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.dropup-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk holding {out} filled up while writing; free space (see "
+                            "upcycle's size estimate) and run again. Nothing was written") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    parent = Path(out).resolve().parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UserError(f"OUT needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
+                        f"free on {parent}; free space or choose another path")

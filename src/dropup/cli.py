@@ -1,0 +1,120 @@
+"""The `dropup` command line: a thin layer over the library functions.
+
+Bad input raises ``UserError`` anywhere below; here it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dropup.errors import UserError
+
+
+def _upcycle_parser(sub) -> None:
+    from dropup.upcycle import METHODS, UpcycleOptions
+
+    d = UpcycleOptions()
+    p = sub.add_parser("upcycle", help="build an MoE checkpoint from a dense one",
+                       description="Build a Hugging Face MoE checkpoint from a dense Llama-family "
+                       "checkpoint by one of the Drop-Upcycling paper's construction methods.")
+    p.add_argument("src", help="dense Hugging Face checkpoint directory")
+    p.add_argument("out", help="output directory (created; must be empty unless --overwrite)")
+    p.add_argument("--method", default=d.method, choices=METHODS,
+                   help="drop (default), naive, noise, scratch or btx")
+    p.add_argument("--ratio", type=float, default=d.ratio,
+                   help="fraction r of each expert's neurons re-initialised (drop) or perturbed (noise)")
+    p.add_argument("--num-experts", type=int, default=d.num_experts)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--index-sampling", default=d.index_sampling, choices=("shared", "per-matrix"),
+                   help="shared: one neuron set per expert for gate, up and down (the paper); "
+                   "per-matrix: an independent set per matrix (the authors' released script)")
+    p.add_argument("--reinit-stats", default=d.reinit_stats, choices=("slice", "matrix"),
+                   help="mean/std of the replaced slice (default) or of the whole dense matrix")
+    p.add_argument("--noise-std", type=float, default=d.noise_std, help="std of the noise method")
+    p.add_argument("--router-init", default=d.router_init, choices=("uniform", "normal", "zeros"))
+    p.add_argument("--router-std", type=float, default=d.router_std)
+    p.add_argument("--init-std", type=float, default=d.init_std, help="std of the scratch method")
+    p.add_argument("--sources", nargs="+", default=[], metavar="SRC_N",
+                   help="btx: dense models of SRC's shape, trained further from it")
+    p.add_argument("--target", default=d.target,
+                   choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe"))
+    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
+    p.add_argument("--dtype", default=d.dtype, choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", default=d.max_shard_size)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="load the result with transformers; for naive and r = 0 compare logits")
+    p.add_argument("--threads", type=int, default=0, help="worker threads (default: cores, max 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _run_upcycle(a: argparse.Namespace) -> int:
+    from dropup.upcycle import upcycle
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "src", "out", "quiet")}
+    prov = upcycle(a.src, a.out, progress=not a.quiet, **opts)
+    if not a.quiet:
+        print(f"wrote {a.out}: {prov['target']}, {a.num_experts} experts top-{a.top_k}, "
+              f"method {a.method}, {prov['output_bytes'] / 1e9:.3f} GB in {prov['seconds']:.1f} s")
+        if "verify" in prov:
+            print(f"verify: {json.dumps(prov['verify'])}")
+    return 0
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="describe an MoE checkpoint and how alike its experts are")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-similarity", action="store_true", help="skip the per-layer expert comparison")
+
+
+def _run_inspect(a: argparse.Namespace) -> int:
+    from dropup.inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(a.path, similarity=not a.no_similarity)
+    print(json.dumps(report, indent=1) if a.json else format_report(report))
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on built-in data (see README)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--tiny", action="store_true", help="a scaled-down run for the test suite")
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    from dropup.demo import run_demo
+
+    run_demo(a.out, tiny=a.tiny)
+    return 0
+
+
+COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
+            "demo": (_demo_parser, _run_demo)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dropup import __version__
+
+    parser = argparse.ArgumentParser(prog="dropup", description="Drop-Upcycling toolkit: build, "
+                                     "train and analyse MoE models from dense checkpoints.")
+    parser.add_argument("--version", action="version", version=f"dropup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except UserError as e:
+        print(f"dropup {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dropup {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130

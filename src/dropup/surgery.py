@@ -1,0 +1,143 @@
+"""Weight surgery for MoE construction: pure functions, tensors in, tensors out.
+
+Nothing here touches files. Every random draw takes an explicit ``torch.Generator`` that the caller
+seeds from ``derive_seed`` so a tensor's value depends only on (seed, layer, expert, matrix), never
+on the order in which tensors are produced or on how the output is sharded.
+
+Layout convention (PyTorch ``nn.Linear``): gate and up are ``[d_f, d_h]`` and their intermediate
+neurons are rows; down is ``[d_h, d_f]`` and its intermediate neurons are columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+FFN_MATRICES = ("gate", "up", "down")
+# The axis of each FFN matrix that indexes intermediate neurons.
+NEURON_AXIS = {"gate": 0, "up": 0, "down": 1}
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed for one random stream, e.g. ``derive_seed(0, "layer", 3, "expert", 5, "up")``.
+
+    Hashing (instead of ``seed + offset`` arithmetic) keeps streams of different layers, experts
+    and matrices independent and lets new kinds of streams be added without shifting old ones.
+    """
+    key = "/".join(str(p) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, *parts: object) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts))
+
+
+def num_reinit(d_f: int, ratio: float) -> int:
+    """floor(r * d_f), computed so that e.g. r=0.5 never loses a neuron to float rounding."""
+    return int(math.floor(ratio * d_f + 1e-9))
+
+
+def sample_indices(d_f: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """floor(r * d_f) distinct neuron indices, uniformly without replacement, sorted."""
+    n = num_reinit(d_f, ratio)
+    return torch.randperm(d_f, generator=gen)[:n].sort().values
+
+
+def take_neurons(weight: torch.Tensor, matrix: str, idx: torch.Tensor) -> torch.Tensor:
+    return weight.index_select(NEURON_AXIS[matrix], idx)
+
+
+def put_neurons(weight: torch.Tensor, matrix: str, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` whose neurons ``idx`` are replaced by ``values`` (same dtype as weight)."""
+    out = weight.clone()
+    out.index_copy_(NEURON_AXIS[matrix], idx, values.to(weight.dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class ReinitStats:
+    mean: float
+    std: float
+
+
+def reinit_stats(dense: torch.Tensor, matrix: str, idx: torch.Tensor, over: str) -> ReinitStats:
+    """Mean and std that the replacement values are drawn with.
+
+    ``over="slice"`` uses the values being replaced (what the authors' released script does);
+    ``over="matrix"`` uses the whole dense matrix. Statistics are taken in float64 so they do not
+    depend on the storage dtype's rounding.
+    """
+    if over == "matrix":
+        src = dense
+    elif over == "slice":
+        src = take_neurons(dense, matrix, idx)
+    else:
+        raise ValueError(f"unknown reinit statistics {over!r}")
+    src = src.to(torch.float64)
+    if src.numel() < 2:
+        return ReinitStats(float(src.mean()) if src.numel() else 0.0, 0.0)
+    return ReinitStats(float(src.mean()), float(src.std()))
+
+
+def _normal(shape: tuple[int, ...], mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32).normal_(mean, std, generator=gen)
+
+
+def drop_reinit(
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, stats: ReinitStats, gen: torch.Generator
+) -> torch.Tensor:
+    """Drop-Upcycling step 2: neurons ``idx`` re-drawn i.i.d. from N(mean, std^2), the rest kept."""
+    shape = list(dense.shape)
+    shape[NEURON_AXIS[matrix]] = idx.numel()
+    return put_neurons(dense, matrix, idx, _normal(tuple(shape), stats.mean, stats.std, gen))
+
+
+def add_noise(
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, std: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Random Noise Upcycling: N(0, std^2) added (not substituted) to neurons ``idx``.
+
+    The sum is formed in float32 and rounded once to the storage dtype.
+    """
+    picked = take_neurons(dense, matrix, idx).to(torch.float32)
+    return put_neurons(dense, matrix, idx, picked + _normal(tuple(picked.shape), 0.0, std, gen))
+
+
+def router_weight(
+    num_experts: int, hidden: int, init: str, std: float, gen: torch.Generator
+) -> torch.Tensor:
+    """A fresh router [E, d_h] (float32; the caller casts to the output dtype).
+
+    ``uniform`` is the authors' choice: zero-mean uniform with standard deviation ``std``, i.e.
+    (U[0,1) - 0.5) * std * sqrt(12).
+    """
+    shape = (num_experts, hidden)
+    if init == "uniform":
+        u = torch.rand(shape, generator=gen, dtype=torch.float32)
+        return (u - 0.5) * (std * math.sqrt(12.0))
+    if init == "normal":
+        return _normal(shape, 0.0, std, gen)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=torch.float32)
+    raise ValueError(f"unknown router init {init!r}")
+
+
+def scratch_weight(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """From-scratch initialisation of a weight matrix: N(0, std^2) in float32."""
+    return _normal(shape, 0.0, std, gen)
+
+
+def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean in float32 (Branch-Train-MiX merges non-FFN tensors this way)."""
+    acc = tensors[0].to(torch.float32).clone()
+    for t in tensors[1:]:
+        acc += t.to(torch.float32)
+    return acc / len(tensors)
+
+
+def btx_source_of_expert(expert: int, num_experts: int, num_sources: int) -> int:
+    """Branch-Train-MiX assignment: expert e takes its FFN from source floor(e * n / E)."""
+    return (expert * num_sources) // num_experts
