@@ -318,8 +318,10 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"OUT {out} is not empty; pass --overwrite to replace it or choose another path")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the parent directory of OUT, {parent}, does not exist; create it first")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the parent directory of OUT, {parent} ({e.strerror})") from None
     tmp = parent / f".{out.name}.dropup-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

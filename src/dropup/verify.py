@@ -23,8 +23,12 @@ def _load(path: Path):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True, trust_remote_code=False)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the checkpoint is broken
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"verify: transformers did not load {path} ({first[:200]})") from None
     return model.eval(), info
 
 

@@ -1,0 +1,63 @@
+"""Synthetic dense checkpoints of any size, written streaming (for benchmarks and memory tests).
+
+The weights are random (seeded) and the files are a valid Hugging Face Llama checkpoint, so they
+exercise the converter exactly as a real model of the same shape would. The paper's shapes are
+available by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dropup.archs import dense_shape
+from dropup.checkpoint import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
+
+# The dense models of the paper (see docs and shared/paper): layers, hidden, d_f, heads, kv, vocab.
+PAPER_SHAPES = {
+    "152m": dict(num_hidden_layers=12, hidden_size=512, intermediate_size=2048,
+                 num_attention_heads=8, num_key_value_heads=8, vocab_size=99584),
+    "1.5b": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=7168,
+                 num_attention_heads=16, num_key_value_heads=8, vocab_size=48640),
+    "3.7b": dict(num_hidden_layers=28, hidden_size=3072, intermediate_size=8192,
+                 num_attention_heads=24, num_key_value_heads=24, vocab_size=99584),
+}
+
+
+def llama_config(**overrides) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16", seed: int = 0,
+                          max_shard_size: str = "5GB") -> Path:
+    """Write a random dense checkpoint for ``config`` to ``out`` one tensor at a time."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config, torch_dtype=dtype)
+    shape = dense_shape(config)
+    dt = DTYPE_NAMES[dtype]
+    names = dict(shape.non_ffn_tensors())
+    for layer in range(shape.layers):
+        for m in ("gate", "up", "down"):
+            names[shape.ffn_name(layer, m)] = shape.ffn_shape(m)
+    plan = [TensorSpec(n, dt, s) for n, s in names.items()]
+    writer = ShardedWriter(out, plan, parse_size(max_shard_size))
+    gen = torch.Generator().manual_seed(seed)
+    for spec in plan:
+        if spec.name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+        else:
+            t = torch.empty(spec.shape).normal_(0.0, 0.02, generator=gen)
+        writer.write(spec.name, t.to(dt))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random dense models of every supported architecture, built with
+transformers itself so the converter is tested against the library users load checkpoints with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (config class name, kwargs)
+DENSE_ARCHS = {
+    # GQA, untied, linear RoPE scaling
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama-tied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    # sliding window shorter than the test sequence
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+    # q/k/v biases, tied embeddings
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # q/k norm, head_dim that is not hidden / heads
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def build_dense(path: Path, arch: str, seed: int = 0, hidden: int = 32, d_f: int = 64,
+                layers: int = 2, vocab: int = 96, dtype: torch.dtype = torch.float32, **extra) -> Path:
+    """A tiny dense model saved with ``save_pretrained``; every parameter (norms and biases too)
+    is randomised so that a tensor copied to the wrong place cannot go unnoticed."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    cls_name, kwargs = DENSE_ARCHS[arch]
+    kwargs = dict(kwargs, **extra)
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=d_f, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=256, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dense_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dense")
+    return {arch: build_dense(root / arch, arch) for arch in DENSE_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory) -> Path:
+    """A llama with enough neurons for statistical checks of re-initialised values."""
+    return build_dense(tmp_path_factory.mktemp("wide") / "llama", "llama", hidden=64, d_f=320,
+                       layers=2)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
