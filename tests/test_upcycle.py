@@ -297,3 +297,21 @@ def test_pytorch_bin_source_is_read_safely(dense_models, tmp_path):
     _run(dense_models["llama"], tmp_path / "from_st", method="drop")
     a, b = load_tensors(tmp_path / "from_bin"), load_tensors(tmp_path / "from_st")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("matrix", ["gate", "down"])
+def test_moment_statistics_equal_direct_statistics(dtype, matrix):
+    from dropup import surgery
+
+    gen = torch.Generator().manual_seed(0)
+    w = (0.3 + 0.05 * torch.randn(96, 40, generator=gen)).to(dtype)
+    if matrix == "down":
+        w = w.t().contiguous()
+    idx = surgery.sample_indices(96, 0.4, gen)
+    mom = surgery.neuron_moments(w, matrix)
+    for over, sel in (("slice", idx), ("matrix", None)):
+        direct = surgery.reinit_stats(w, matrix, idx, over)
+        fast = surgery.stats_from_moments(mom, sel)
+        assert fast.mean == pytest.approx(direct.mean, rel=1e-12)
+        assert fast.std == pytest.approx(direct.std, rel=1e-9)

@@ -82,6 +82,40 @@ def reinit_stats(dense: torch.Tensor, matrix: str, idx: torch.Tensor, over: str)
     return ReinitStats(float(src.mean()), float(src.std()))
 
 
+@dataclass(frozen=True)
+class NeuronMoments:
+    """Per-neuron sum and sum of squares of one dense matrix (float64), and values per neuron.
+
+    Slice statistics for any neuron set then cost O(d_f) instead of a pass over the slice, which
+    matters because every expert of every layer draws its own set.
+    """
+
+    sums: torch.Tensor
+    sumsq: torch.Tensor
+    per_neuron: int
+
+
+def neuron_moments(dense: torch.Tensor, matrix: str) -> NeuronMoments:
+    axis = 1 - NEURON_AXIS[matrix]  # reduce over the hidden axis
+    # Squares of bf16/fp16 values are exact in float32; float32 weights need float64.
+    wide = torch.float64 if dense.dtype in (torch.float32, torch.float64) else torch.float32
+    x = dense.to(wide)
+    return NeuronMoments(x.sum(dim=axis, dtype=torch.float64),
+                         (x * x).sum(dim=axis, dtype=torch.float64), dense.shape[axis])
+
+
+def stats_from_moments(mom: NeuronMoments, idx: torch.Tensor | None) -> ReinitStats:
+    """Mean and (unbiased) std over neurons ``idx`` (all neurons when None)."""
+    s, q = (mom.sums, mom.sumsq) if idx is None else (mom.sums[idx], mom.sumsq[idx])
+    n = s.numel() * mom.per_neuron
+    if n < 2:
+        return ReinitStats(float(s.sum()) / n if n else 0.0, 0.0)
+    total = float(s.sum())
+    mean = total / n
+    var = max(float(q.sum()) - total * mean, 0.0) / (n - 1)
+    return ReinitStats(mean, math.sqrt(var))
+
+
 def _normal(shape: tuple[int, ...], mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32).normal_(mean, std, generator=gen)
 

@@ -115,21 +115,31 @@ class _FFNCache:
     def __init__(self, sources: list[DenseCheckpoint], shape: archs.DenseShape, checksums: dict):
         self.sources, self.shape, self.checksums = sources, shape, checksums
         self._lock = threading.Lock()
-        self._loaded: dict[tuple[int, int, str], torch.Tensor] = {}
-        self._locks: dict[tuple[int, int, str], threading.Lock] = {}
+        self._loaded: dict[tuple, object] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
 
     def get(self, source: int, layer: int, matrix: str) -> torch.Tensor:
-        key = (source, layer, matrix)
+        return self._once((source, layer, matrix), lambda: self._read(source, layer, matrix))
+
+    def moments(self, source: int, layer: int, matrix: str) -> surgery.NeuronMoments:
+        return self._once((source, layer, matrix, "moments"), lambda: surgery.neuron_moments(
+            self.get(source, layer, matrix), matrix))
+
+    def _read(self, source: int, layer: int, matrix: str) -> torch.Tensor:
+        ck, name = self.sources[source], self.shape.ffn_name(layer, matrix)
+        tensor = ck.get(name)
+        self.checksums[(str(ck.path), name)] = _checksum(tensor)
+        return tensor
+
+    def _once(self, key: tuple, make: Callable):
+        layer = key[1]
         with self._lock:
             for k in [k for k in self._loaded if k[1] < layer - 1]:
                 del self._loaded[k]
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in self._loaded:
-                ck, name = self.sources[source], self.shape.ffn_name(layer, matrix)
-                tensor = ck.get(name)
-                self.checksums[(str(ck.path), name)] = _checksum(tensor)
-                self._loaded[key] = tensor
+                self._loaded[key] = make()
             return self._loaded[key]
 
 
@@ -184,7 +194,8 @@ def _expert_producer(ctx: _Ctx, cache: _FFNCache, layer: int, expert: int, matri
         gen = surgery.generator(o.seed, "values", layer, expert, matrix)
         entry = {"reinit_fraction": idx.numel() / ctx.shape.d_f}
         if o.method == "drop":
-            stats = surgery.reinit_stats(dense, matrix, idx, o.reinit_stats)
+            moments = cache.moments(0, layer, matrix)
+            stats = surgery.stats_from_moments(moments, idx if o.reinit_stats == "slice" else None)
             new = surgery.drop_reinit(dense, matrix, idx, stats, gen)
             entry.update(mean=stats.mean, std=stats.std)
         else:  # noise
