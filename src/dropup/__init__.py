@@ -8,6 +8,8 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
 from dropup.errors import UserError  # noqa: E402
+from dropup.model import ModelConfig, load_balancing_loss, load_model, save_model  # noqa: E402
 from dropup.upcycle import upcycle  # noqa: E402
 
-__all__ = ["UserError", "upcycle", "__version__"]
+__all__ = ["ModelConfig", "UserError", "load_balancing_loss", "load_model", "save_model", "upcycle",
+           "__version__"]
