@@ -1,4 +1,4 @@
-"""dropup.model against transformers: logits, router logits, aux loss, checkpoint round trip,
+"""dropup.model / hf_io / losses against transformers: logits, router logits, aux loss, checkpoint round trip,
 and the grouped-GEMM MoE path against the per-expert loop."""
 
 from __future__ import annotations
@@ -12,15 +12,10 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
-from dropup.model import (  # noqa: E402
-    ModelConfig,
-    MoE,
-    load_balancing_loss,
-    load_model,
-    router_metrics,
-    router_z_loss,
-    save_model,
-)
+from dropup.config import ModelConfig  # noqa: E402
+from dropup.hf_io import load_model, save_model  # noqa: E402
+from dropup.losses import load_balancing_loss, router_metrics, router_z_loss  # noqa: E402
+from dropup.model import MoE  # noqa: E402
 
 torch.set_num_threads(1)
 SEQ = 24  # longer than the sliding windows and the dynamic-RoPE max_position_embeddings below
@@ -324,7 +319,7 @@ def test_naive_upcycle_computes_the_dense_function(hf_models, tmp_path):
 
 
 def test_backward_reaches_every_parameter(hf_models):
-    from dropup.model import cross_entropy
+    from dropup.losses import cross_entropy
 
     model = load_model(hf_models["qwen2_moe-shared-dense-layer"][1])
     ids = input_ids(96)

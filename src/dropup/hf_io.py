@@ -1,0 +1,216 @@
+"""Hugging Face checkpoint I/O for dropup's model: same ``config.json``, same tensor names.
+
+A checkpoint goes from transformers to dropup and back without conversion scripts. The model
+stacks each layer's experts into ``[E, out, in]`` parameters; only this module knows the Hub's
+per-expert names (``hf_names``).
+
+    model = load_model("path/to/hf_checkpoint", device="cuda", dtype=torch.float32)
+    save_model(model, "out/")                                     # == model.save_pretrained("out/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dropup.config import ModelConfig
+from dropup.errors import UserError
+from dropup.model import CausalLM
+
+_EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
+_MIXTRAL_W = {"gate": "w1", "up": "w3", "down": "w2"}
+# Tensors old checkpoints carry that the model recomputes.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def hf_names(name: str, cfg: ModelConfig) -> str | list[str]:
+    """The checkpoint name(s) of one of the model's parameters: a list for stacked experts."""
+    m = _EXPERT_PARAM.fullmatch(name)
+    if not m:
+        return name
+    block = f"model.layers.{m.group(1)}." + ("block_sparse_moe" if cfg.model_type == "mixtral" else "mlp")
+    if m.group(2) == "router.weight":
+        return f"{block}.gate.weight"
+    proj = m.group(3)
+    leaf = _MIXTRAL_W[proj] if cfg.model_type == "mixtral" else f"{proj}_proj"
+    return [f"{block}.experts.{e}.{leaf}.weight" for e in range(cfg.num_experts)]
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's (full, unsharded) state dict under Hub names, experts unstacked."""
+    out = {}
+    for name, t in state_dict.items():
+        hf = hf_names(name, cfg)
+        if isinstance(hf, list):
+            out.update(zip(hf, t.unbind(0)))
+        else:
+            out[hf] = t
+    return out
+
+
+def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict for parameter ``names`` from a mapping of Hub-named tensors.
+
+    ``tensors`` needs only ``__getitem__`` and ``keys()`` so a lazy safetensors reader works.
+    """
+    available = set(tensors.keys())
+    wanted = {n: hf_names(n, cfg) for n in names}
+    needed = {h for hf in wanted.values() for h in ([hf] if isinstance(hf, str) else hf)}
+    missing = sorted(needed - available)
+    unexpected = sorted(
+        k for k in available - needed
+        if not _IGNORED.fullmatch(k) and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    )  # fmt: skip
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint does not match its config.json ({cfg.model_type}): "
+            f"{len(missing)} missing tensors {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}"
+        )
+    out = {}
+    for n, hf in wanted.items():
+        out[n] = torch.stack([tensors[h] for h in hf]) if isinstance(hf, list) else tensors[hf]
+    return out
+
+
+class _SafetensorsDir:
+    """Lazy, name-addressed view of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, path: Path, device: str):
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").exists():
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise UserError(
+                f"{path} has no model.safetensors or model.safetensors.index.json (dropup reads safetensors only)"
+            )
+        self._handles = {f: safe_open(str(path / f), framework="pt", device=device) for f in files}
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
+        self._where = weight_map
+
+    def keys(self):
+        return self._where.keys()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    p = Path(path) / "config.json"
+    if not p.exists():
+        raise UserError(f"{p} not found: expected a Hugging Face checkpoint directory")
+    return ModelConfig.from_hf(json.loads(p.read_text()))
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    moe_impl: str = "auto",
+) -> CausalLM:
+    """A ``CausalLM`` with the weights of the Hugging Face checkpoint at ``path``.
+
+    ``dtype`` None keeps the checkpoint's dtype (train with ``torch.float32`` master weights).
+    The model is built on the meta device and the tensors are assigned to it, so no memory or time
+    goes into a random initialisation that would be overwritten.
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    reader = _SafetensorsDir(path, str(device))
+    names = list(model.state_dict().keys())
+    state = from_hf_state_dict(reader, cfg, names)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb.to_empty(device=device)
+    model.model.rotary_emb.reset()
+    model.set_moe_impl(moe_impl)
+    return model
+
+
+def save_model(
+    model: CausalLM,
+    path: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``config.json`` and safetensors under Hub names into ``path``.
+
+    ``state_dict`` overrides the model's own (e.g. a full state dict gathered from FSDP shards).
+    Files are written into a temporary directory beside ``path`` and moved into place, so a
+    crash never leaves a half-written checkpoint under a final name.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = to_hf_state_dict(sd, cfg)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
+    hf_config = cfg.to_hf()
+    saved_dtype = next(iter(tensors.values())).dtype
+    hf_config["torch_dtype" if "dtype" not in hf_config else "dtype"] = str(saved_dtype).removeprefix("torch.")
+
+    # Shard greedily in name order; one file when it fits.
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * tensors[k].element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += n
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        written = []
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            written.append("model.safetensors")
+        else:
+            weight_map = {}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+                written.append(fname)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            written.append("model.safetensors.index.json")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        written.append("config.json")
+        _move_into_place(tmp, path, written)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, path: Path, written: list[str]) -> None:
+    if not path.exists():
+        os.rename(tmp, path)  # the whole checkpoint appears at once
+        return
+    # An existing directory (it may hold a tokenizer): replace file by file, weights before
+    # config.json, and drop weight files of the previous checkpoint that the new one lacks.
+    for old in path.glob("model*.safetensors*"):
+        if old.name not in written:
+            old.unlink()
+    for name in written:
+        os.replace(tmp / name, path / name)

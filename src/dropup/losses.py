@@ -1,0 +1,93 @@
+"""Training losses: next-token cross entropy and the router losses of MoE layers, plus the
+router diagnostics the trainer logs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy in fp32; ``targets`` are already shifted ([batch, seq])."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def expert_counts(
+    router_logits: list[torch.Tensor], top_k: int, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Top-k assignments per expert, [layers, E] (fp32, no gradient), optionally only where
+    ``mask`` (flattened like the router logits' rows) is nonzero.
+
+    Summed over micro-batches and all-reduced over ranks this is what a global-batch balance
+    loss needs; pass the normalised result to ``load_balancing_loss(token_fractions=...)``.
+    """
+    rows = []
+    for logits in router_logits:
+        ids = logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices
+        w = torch.ones_like(ids, dtype=torch.float32)
+        if mask is not None:
+            w = w * mask.reshape(-1, 1).to(w)
+        rows.append(torch.zeros(num_experts, device=logits.device).scatter_add_(0, ids.reshape(-1), w.reshape(-1)))
+    return torch.stack(rows)
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor],
+    top_k: int,
+    num_experts: int,
+    mode: str = "pooled",
+    mask: torch.Tensor | None = None,
+    token_fractions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss E * sum_i f_i * P_i.
+
+    f_i: top-k assignments to expert i per token (sums to top_k over experts); P_i: mean router
+    probability of expert i. Gradients flow through P only.
+
+    mode "pooled": f and P over all layers' tokens of the micro-batch together -- what
+    transformers' Mixtral ``load_balancing_loss_func`` (and the paper's framework) computes; it
+    only balances the layers on average. mode "per-layer": the loss of each layer on its own,
+    averaged over layers. ``token_fractions`` ([layers, E]) replaces the local f, e.g. counts
+    summed over a global batch (per-layer mode).
+    """
+    if not router_logits:
+        return torch.zeros(())
+    probs = torch.stack([r.float().softmax(dim=-1) for r in router_logits])  # [L, N, E]
+    if mask is None:
+        prob_sum = probs.sum(dim=1)
+        tokens = torch.full((len(router_logits),), float(probs.shape[1]), device=probs.device)
+    else:
+        m = mask.reshape(1, -1, 1).to(probs)
+        prob_sum = (probs * m).sum(dim=1)
+        tokens = m.sum().expand(len(router_logits))
+    if token_fractions is None:
+        counts = expert_counts(router_logits, top_k, num_experts, mask)
+        token_fractions = counts / tokens[:, None]
+    if mode == "pooled":
+        f = (token_fractions * tokens[:, None]).sum(0) / tokens.sum()
+        p = prob_sum.sum(0) / tokens.sum()
+        return num_experts * (f * p).sum()
+    if mode == "per-layer":
+        p = prob_sum / tokens[:, None]
+        return num_experts * (token_fractions * p).sum(-1).mean()
+    raise ValueError(f"load-balancing mode must be 'pooled' or 'per-layer', got {mode!r}")
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, averaged over layers."""
+    if not router_logits:
+        return torch.zeros(())
+    return torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
+
+
+def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-layer diagnostics for logging: load fractions [L, E] (sum to 1), max/min load ratio
+    [L] (inf when an expert got nothing) and mean router entropy in nats [L]."""
+    with torch.no_grad():
+        counts = expert_counts(router_logits, top_k, num_experts)
+        load = counts / counts.sum(-1, keepdim=True)
+        ratio = load.max(-1).values / load.min(-1).values
+        entropy = torch.stack(
+            [-(r.float().softmax(-1) * r.float().log_softmax(-1)).sum(-1).mean() for r in router_logits]
+        )
+    return {"load": load, "max_min_ratio": ratio, "entropy": entropy}
