@@ -92,8 +92,27 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a dense or MoE model (the paper's recipe)",
+                       description="Train from a Hugging Face checkpoint or a preset shape on prepared "
+                       "token datasets; run under torchrun for several GPUs (FSDP2).")
+    p.add_argument("--config", required=True, help="YAML run config (see README, Training)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in out_dir (start fresh if there is none)")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from dropup.train import train
+    from dropup.trainconfig import load_config
+
+    train(load_config(a.config, a.set), resume=a.resume)
+    return 0
+
+
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
-            "demo": (_demo_parser, _run_demo)}
+            "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train)}
 
 
 def build_parser() -> argparse.ArgumentParser:

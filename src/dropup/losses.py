@@ -4,7 +4,10 @@ router diagnostics the trainer logs."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+BALANCE_MODES = ("pooled", "per-layer", "global-batch")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -47,8 +50,11 @@ def load_balancing_loss(
     mode "pooled": f and P over all layers' tokens of the micro-batch together -- what
     transformers' Mixtral ``load_balancing_loss_func`` (and the paper's framework) computes; it
     only balances the layers on average. mode "per-layer": the loss of each layer on its own,
-    averaged over layers. ``token_fractions`` ([layers, E]) replaces the local f, e.g. counts
-    summed over a global batch (per-layer mode).
+    averaged over layers. mode "global-batch": per layer, with f counted over the global batch
+    rather than the micro-batch (Qwen's "global-batch load balancing", Qiu et al. 2025): a
+    micro-batch may then be specialised as long as the whole batch is balanced. The caller passes
+    those fractions as ``token_fractions`` ([layers, E]; see ``GlobalBatchCounts``); without them
+    it is the per-layer loss. ``token_fractions`` in the other modes also replaces the local f.
     """
     if not router_logits:
         return torch.zeros(())
@@ -67,10 +73,10 @@ def load_balancing_loss(
         f = (token_fractions * tokens[:, None]).sum(0) / tokens.sum()
         p = prob_sum.sum(0) / tokens.sum()
         return num_experts * (f * p).sum()
-    if mode == "per-layer":
+    if mode in ("per-layer", "global-batch"):
         p = prob_sum / tokens[:, None]
         return num_experts * (token_fractions * p).sum(-1).mean()
-    raise ValueError(f"load-balancing mode must be 'pooled' or 'per-layer', got {mode!r}")
+    raise ValueError(f"load-balancing mode must be one of {BALANCE_MODES}, got {mode!r}")
 
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -91,3 +97,67 @@ def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: i
             [-(r.float().softmax(-1) * r.float().log_softmax(-1)).sum(-1).mean() for r in router_logits]
         )
     return {"load": load, "max_min_ratio": ratio, "entropy": entropy}
+
+
+class GlobalBatchCounts:
+    """Expert counts for the "global-batch" balance loss, summed over micro-batches and ranks.
+
+    The gradient of a micro-batch's loss is taken before later micro-batches exist, so f for
+    micro-batch m counts every rank's assignments in micro-batches 1..m of the step (a running
+    buffer, as the global-batch paper suggests under gradient accumulation); the last micro-batch
+    sees the whole global batch. Counting costs one small all-reduce per micro-batch and no host
+    synchronisation.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.counts: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.counts = None
+
+    def fractions(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> torch.Tensor:
+        counts = expert_counts(router_logits, top_k, num_experts)
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(counts, group=self.group)
+        self.counts = counts if self.counts is None else self.counts + counts
+        # Normalised per token (not per assignment) like the local f: sums to top_k per layer.
+        return self.counts * top_k / self.counts.sum(-1, keepdim=True)
+
+
+class RouterStats:
+    """Accumulates per-layer routing statistics over the micro-batches of a log interval."""
+
+    def __init__(self):
+        self.counts: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> None:
+        with torch.no_grad():
+            counts = expert_counts(router_logits, top_k, num_experts)
+            ent = torch.stack([-(r.float().softmax(-1) * r.float().log_softmax(-1)).sum(-1).sum()
+                               for r in router_logits])
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
+        self.tokens += router_logits[0].shape[0]
+
+    def reduce(self, group=None) -> dict[str, list] | None:
+        """Load fractions [L][E], max/min load ratio [L] (None when an expert got no token) and
+        mean router entropy in nats [L], over all ranks. Collective: every rank must call it."""
+        if self.counts is None:
+            return None
+        buf = torch.cat([self.counts.flatten(), self.entropy_sum,
+                         torch.tensor([float(self.tokens)], device=self.counts.device)])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(buf, group=group)
+        n_layers, e = self.counts.shape
+        counts = buf[: n_layers * e].view(n_layers, e)
+        entropy = buf[n_layers * e : n_layers * e + n_layers] / buf[-1]
+        load = counts / counts.sum(-1, keepdim=True)
+        ratio = load.max(-1).values / load.min(-1).values
+        return {
+            "router_load": [[round(x, 5) for x in row] for row in load.tolist()],
+            "router_max_min_ratio": [round(x, 4) if x != float("inf") else None for x in ratio.tolist()],
+            "router_entropy": [round(x, 5) for x in entropy.tolist()],
+        }

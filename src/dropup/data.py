@@ -1,0 +1,246 @@
+"""Tokenised datasets on disk and the trainer's deterministic view of them.
+
+On-disk format (one directory per dataset, written by ``TokenWriter``; ``dropup data prepare``
+produces it from text)::
+
+    DIR/meta.json              {"format": "dropup-tokens", "version": 1, "dtype": "uint16"|"uint32",
+                                "vocab_size": V, "eos_token_id": int|null,
+                                "splits": {"train": {"tokens": T, "docs": D}, "val": {...}}, ...}
+    DIR/<split>.bin            all documents' tokens back to back, raw little-endian ``dtype``
+    DIR/<split>.offsets.npy    int64 [D + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+
+Any further keys in meta.json (tokenizer, manifest of inputs, domain) are the writer's business
+and are kept as they are. The end-of-document token, when the tokenizer has one, is already part
+of each document's tokens.
+
+Training reads *packed* sequences: a split's token stream is cut into windows of ``seq_len + 1``
+tokens with stride ``seq_len`` (inputs are the first ``seq_len``, targets the last ``seq_len``),
+ignoring document boundaries, as GPT-style pre-training (and the paper's Megatron-based framework)
+does; attention therefore crosses document boundaries, separated only by the EOS token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dropup.errors import UserError
+
+FORMAT = "dropup-tokens"
+VERSION = 1
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every token id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class TokenWriter:
+    """Stream documents into a dataset directory with bounded memory.
+
+    ::
+
+        with TokenWriter(out, vocab_size=32000, eos_token_id=2) as w:
+            for doc in docs:
+                w.add(doc_token_ids, split="train")
+            w.meta["tokenizer"] = "..."          # extra keys land in meta.json
+
+    ``meta.json`` is written last, so a directory without it is an unfinished dataset; a failure
+    inside the ``with`` block removes what was written.
+    """
+
+    def __init__(self, out: str | os.PathLike, vocab_size: int, eos_token_id: int | None = None,
+                 dtype: str | None = None):
+        self.out = Path(out)
+        if (self.out / "meta.json").exists():
+            raise UserError(f"{self.out} already holds a dataset (meta.json); choose another directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype) if dtype else token_dtype(vocab_size)
+        if self.dtype not in (np.uint16, np.uint32):
+            raise UserError(f"token dtype must be uint16 or uint32, got {self.dtype}")
+        if vocab_size > np.iinfo(self.dtype).max + 1:
+            raise UserError(f"vocabulary of {vocab_size} does not fit in {self.dtype}; use uint32")
+        self.vocab_size, self.eos_token_id = vocab_size, eos_token_id
+        self.meta: dict = {}
+        self._files: dict[str, object] = {}
+        self._offsets: dict[str, list[int]] = {}
+
+    def add(self, tokens, split: str = "train") -> None:
+        """Append one document (a sequence of token ids) to ``split``."""
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise UserError(f"token id out of range [0, {self.vocab_size}) in a {split} document")
+        if split not in self._files:
+            self._files[split] = open(self.out / f"{split}.bin", "wb")
+            self._offsets[split] = [0]
+        self._files[split].write(arr.astype(self.dtype).tobytes())
+        self._offsets[split].append(self._offsets[split][-1] + arr.size)
+
+    def close(self) -> Path:
+        splits = {}
+        for split, f in self._files.items():
+            f.close()
+            offsets = np.asarray(self._offsets[split], dtype=np.int64)
+            np.save(self.out / f"{split}.offsets.npy", offsets)
+            splits[split] = {"tokens": int(offsets[-1]), "docs": len(offsets) - 1}
+        meta = {**self.meta, "format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
+                "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id, "splits": splits}
+        tmp = self.out / ".meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, self.out / "meta.json")
+        return self.out
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        for split, f in self._files.items():
+            f.close()
+            for name in (f"{split}.bin", f"{split}.offsets.npy"):
+                (self.out / name).unlink(missing_ok=True)
+
+
+def write_dataset(out: str | os.PathLike, docs: dict[str, list], vocab_size: int,
+                  eos_token_id: int | None = None, **meta) -> Path:
+    """Write ``{"train": [doc, ...], "val": [...]}`` (docs are token-id sequences) in one call."""
+    with TokenWriter(out, vocab_size, eos_token_id) as w:
+        w.meta.update(meta)
+        for split, split_docs in docs.items():
+            for doc in split_docs:
+                w.add(doc, split)
+    return Path(out)
+
+
+class TokenFile:
+    """One split of a dataset, memory-mapped: ``tokens`` (numpy memmap) and ``offsets``."""
+
+    def __init__(self, path: str | os.PathLike, split: str = "train"):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        info = self.meta["splits"].get(split)
+        if info is None:
+            raise UserError(f"dataset {self.path} has no {split!r} split (it has: "
+                            f"{', '.join(self.meta['splits']) or 'none'})")
+        bin_path = self.path / f"{split}.bin"
+        dtype = np.dtype(self.meta["dtype"])
+        if not bin_path.exists() or bin_path.stat().st_size != info["tokens"] * dtype.itemsize:
+            raise UserError(f"{bin_path} is missing or its size does not match meta.json "
+                            f"({info['tokens']} tokens of {dtype})")
+        self.tokens = (np.memmap(bin_path, dtype=dtype, mode="r") if info["tokens"]
+                       else np.zeros(0, dtype=dtype))
+        self.offsets = np.load(self.path / f"{split}.offsets.npy", mmap_mode="r")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def num_sequences(self, seq_len: int) -> int:
+        return max(0, (len(self.tokens) - 1) // seq_len)
+
+    def sequence(self, i: int, seq_len: int) -> np.ndarray:
+        """Packed window i: seq_len + 1 tokens starting at i * seq_len."""
+        return np.asarray(self.tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    p = Path(path) / "meta.json"
+    if not p.exists():
+        raise UserError(f"{p} not found: a dataset directory is written by `dropup data prepare` "
+                        "(or dropup.data.TokenWriter)")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} is not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UserError(f"{p} is not a {FORMAT} v{VERSION} dataset")
+    return meta
+
+
+@dataclass
+class Source:
+    name: str
+    file: TokenFile
+    weight: float
+
+
+class Mixture:
+    """A weighted mixture of datasets, read in a fixed order that depends only on the seed.
+
+    Global sample g (0, 1, 2, ...) is decided without looking at any other sample, so a run can
+    restart at any step and a data-parallel rank can read only its own samples. Samples come in
+    blocks of ``BLOCK``: each block holds a fixed count of samples of each dataset (the weights,
+    rounded by largest remainder) in a seeded shuffled order; a dataset's samples are drawn
+    epoch by epoch, each epoch a fresh seeded permutation of its packed sequences.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, sources: list[Source], seq_len: int, seed: int):
+        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+        for s in sources:
+            if s.file.num_sequences(seq_len) < 1:
+                raise UserError(f"dataset {s.name} ({s.file.path}) has {len(s.file)} train tokens: "
+                                f"fewer than one sequence of {seq_len + 1}")
+        total = sum(s.weight for s in sources)
+        quotas = [s.weight / total * self.BLOCK for s in sources]
+        counts = [math.floor(q) for q in quotas]
+        for i in sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])[: self.BLOCK - sum(counts)]:
+            counts[i] += 1
+        self.per_block = counts
+        self._block_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset of each position of block b, and how many of that dataset precede it in b."""
+        if b not in self._block_cache:
+            which = np.repeat(np.arange(len(self.sources)), self.per_block)
+            which = which[self._rng(0, b).permutation(self.BLOCK)]
+            rank_in = np.zeros(self.BLOCK, dtype=np.int64)
+            for d in range(len(self.sources)):
+                idx = np.flatnonzero(which == d)
+                rank_in[idx] = np.arange(len(idx))
+            self._block_cache = {b: (which, rank_in)}  # a run reads blocks in order: keep one
+        return self._block_cache[b]
+
+    def _sequence_index(self, d: int, k: int) -> int:
+        n = self.sources[d].file.num_sequences(self.seq_len)
+        epoch, i = divmod(k, n)
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache = {k2: v for k2, v in self._perm_cache.items() if k2[0] != d}
+            self._perm_cache[key] = self._rng(1, d, epoch).permutation(n)
+        return int(self._perm_cache[key][i])
+
+    def sample(self, g: int) -> tuple[int, np.ndarray]:
+        """(dataset index, seq_len + 1 tokens) of global sample g."""
+        b, pos = divmod(g, self.BLOCK)
+        which, rank_in = self._block(b)
+        d = int(which[pos])
+        k = b * self.per_block[d] + int(rank_in[pos])  # how many samples of d came before g
+        return d, self.sources[d].file.sequence(self._sequence_index(d, k), self.seq_len)
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        """Global samples start .. start + size - 1 as a [size, seq_len + 1] int64 tensor."""
+        return torch.from_numpy(np.stack([self.sample(g)[1] for g in range(start, start + size)]))
+
+
+def validation_batches(file: TokenFile, seq_len: int, batch: int, max_batches: int) -> list[torch.Tensor]:
+    """The first ``max_batches`` batches of a validation split in order (the same every eval)."""
+    n = min(file.num_sequences(seq_len), batch * max_batches)
+    seqs = [file.sequence(i, seq_len) for i in range(n)]
+    return [torch.from_numpy(np.stack(seqs[i : i + batch])) for i in range(0, n, batch)]
