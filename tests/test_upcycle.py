@@ -313,5 +313,7 @@ def test_moment_statistics_equal_direct_statistics(dtype, matrix):
     for over, sel in (("slice", idx), ("matrix", None)):
         direct = surgery.reinit_stats(w, matrix, idx, over)
         fast = surgery.stats_from_moments(mom, sel)
-        assert fast.mean == pytest.approx(direct.mean, rel=1e-12)
-        assert fast.std == pytest.approx(direct.std, rel=1e-9)
+        # float32 weights are summed in float64; bf16 ones exactly in float32 per product
+        rel = 1e-12 if dtype == torch.float32 else 1e-6
+        assert fast.mean == pytest.approx(direct.mean, rel=rel)
+        assert fast.std == pytest.approx(direct.std, rel=rel)

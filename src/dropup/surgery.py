@@ -50,11 +50,31 @@ def take_neurons(weight: torch.Tensor, matrix: str, idx: torch.Tensor) -> torch.
     return weight.index_select(NEURON_AXIS[matrix], idx)
 
 
-def put_neurons(weight: torch.Tensor, matrix: str, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of ``weight`` whose neurons ``idx`` are replaced by ``values`` (same dtype as weight)."""
-    out = weight.clone()
-    out.index_copy_(NEURON_AXIS[matrix], idx, values.to(weight.dtype))
+def put_neurons(
+    weight: torch.Tensor, matrix: str, idx: torch.Tensor, values: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``weight`` with neurons ``idx`` replaced by ``values``, written into ``out`` when given (its
+    dtype is the result's; callers reuse buffers so gigabytes of experts cost no fresh memory)."""
+    if out is None:
+        out = torch.empty_like(weight)
+    out.copy_(weight)
+    out.index_copy_(NEURON_AXIS[matrix], idx, values.to(out.dtype))
     return out
+
+
+class Scratch:
+    """Reusable work tensors keyed by name: one per thread, grown on demand, never shrunk."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
 
 
 @dataclass(frozen=True)
@@ -95,13 +115,23 @@ class NeuronMoments:
     per_neuron: int
 
 
-def neuron_moments(dense: torch.Tensor, matrix: str) -> NeuronMoments:
-    axis = 1 - NEURON_AXIS[matrix]  # reduce over the hidden axis
-    # Squares of bf16/fp16 values are exact in float32; float32 weights need float64.
+def neuron_moments(dense: torch.Tensor, matrix: str, block: int = 256) -> NeuronMoments:
+    """Per-neuron sums, a block of neurons at a time: matrix-vector products (BLAS) run at memory
+    speed, and block-sized temporaries avoid touching fresh memory for a whole widened copy."""
     wide = torch.float64 if dense.dtype in (torch.float32, torch.float64) else torch.float32
-    x = dense.to(wide)
-    return NeuronMoments(x.sum(dim=axis, dtype=torch.float64),
-                         (x * x).sum(dim=axis, dtype=torch.float64), dense.shape[axis])
+    x = dense.t() if NEURON_AXIS[matrix] == 1 else dense  # [neurons, per_neuron]
+    n, per = x.shape
+    ones = torch.ones(per, dtype=wide)
+    sums = torch.empty(n, dtype=wide)
+    sumsq = torch.empty(n, dtype=wide)
+    buf = torch.empty(min(block, n), per, dtype=wide)
+    for start in range(0, n, block):
+        rows = buf[: min(block, n - start)]
+        rows.copy_(x[start:start + block])
+        torch.mv(rows, ones, out=sums[start:start + block])
+        rows.mul_(rows)
+        torch.mv(rows, ones, out=sumsq[start:start + block])
+    return NeuronMoments(sums.double(), sumsq.double(), per)
 
 
 def stats_from_moments(mom: NeuronMoments, idx: torch.Tensor | None) -> ReinitStats:
@@ -116,28 +146,46 @@ def stats_from_moments(mom: NeuronMoments, idx: torch.Tensor | None) -> ReinitSt
     return ReinitStats(mean, math.sqrt(var))
 
 
-def _normal(shape: tuple[int, ...], mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32).normal_(mean, std, generator=gen)
+def _normal(shape: tuple[int, ...], mean: float, std: float, gen: torch.Generator,
+            scratch: Scratch | None = None) -> torch.Tensor:
+    out = (scratch.get("normal", shape, torch.float32) if scratch is not None
+           else torch.empty(shape, dtype=torch.float32))
+    return out.normal_(mean, std, generator=gen)
+
+
+def _neuron_shape(dense: torch.Tensor, matrix: str, n: int) -> tuple[int, ...]:
+    shape = list(dense.shape)
+    shape[NEURON_AXIS[matrix]] = n
+    return tuple(shape)
 
 
 def drop_reinit(
-    dense: torch.Tensor, matrix: str, idx: torch.Tensor, stats: ReinitStats, gen: torch.Generator
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, stats: ReinitStats, gen: torch.Generator,
+    out: torch.Tensor | None = None, scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Drop-Upcycling step 2: neurons ``idx`` re-drawn i.i.d. from N(mean, std^2), the rest kept."""
-    shape = list(dense.shape)
-    shape[NEURON_AXIS[matrix]] = idx.numel()
-    return put_neurons(dense, matrix, idx, _normal(tuple(shape), stats.mean, stats.std, gen))
+    values = _normal(_neuron_shape(dense, matrix, idx.numel()), stats.mean, stats.std, gen, scratch)
+    return put_neurons(dense, matrix, idx, _cast(values, out, scratch), out)
 
 
 def add_noise(
-    dense: torch.Tensor, matrix: str, idx: torch.Tensor, std: float, gen: torch.Generator
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, std: float, gen: torch.Generator,
+    out: torch.Tensor | None = None, scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Random Noise Upcycling: N(0, std^2) added (not substituted) to neurons ``idx``.
 
     The sum is formed in float32 and rounded once to the storage dtype.
     """
-    picked = take_neurons(dense, matrix, idx).to(torch.float32)
-    return put_neurons(dense, matrix, idx, picked + _normal(tuple(picked.shape), 0.0, std, gen))
+    noise = _normal(_neuron_shape(dense, matrix, idx.numel()), 0.0, std, gen, scratch)
+    noise += take_neurons(dense, matrix, idx)
+    return put_neurons(dense, matrix, idx, _cast(noise, out, scratch), out)
+
+
+def _cast(values: torch.Tensor, out: torch.Tensor | None, scratch: Scratch | None) -> torch.Tensor:
+    """``values`` rounded to the output dtype, in a scratch buffer when one is available."""
+    if out is None or scratch is None or values.dtype == out.dtype:
+        return values
+    return scratch.get("cast", tuple(values.shape), out.dtype).copy_(values)
 
 
 def router_weight(
