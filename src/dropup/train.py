@@ -175,6 +175,10 @@ class _Log:
         else:
             print(f"step {record['step']}: {info}", flush=True)
 
+    def tick(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -341,6 +345,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             step = step_no
             window_time += time.perf_counter() - t0
             window_steps += 1
+            log.tick(step)
 
             if log_now or not finite:
                 record = {"step": step, "tokens": step * G * seq_len, "lr": lr, "loss": loss_v, "lm_loss": lm_v,
