@@ -385,6 +385,11 @@ def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
                        f"{r_drop['wall_s']:.2f} s vs {r_peer['wall_s']:.2f} s"))
         checks.append(("152m: dropup less peak RSS than in-memory", r_drop["rss_gb"] < r_peer["rss_gb"],
                        f"{r_drop['rss_gb']:.3f} GB vs {r_peer['rss_gb']:.3f} GB"))
+    floor_s, rate = rng_floor_s(cfg)
+    notes.append(f"{size}: drop r={RATIO} draws {draws(cfg) / 1e9:.2f} G normal values; torch's CPU "
+                 f"normal_ runs at {rate / 1e9:.3f} G/s per core here (measured in this run), so "
+                 f"drawing them alone needs {floor_s:.1f} s on all {os.cpu_count()} cores = "
+                 f"{floor_s / r_cp['wall_s']:.2f}x cp's time")
     if size == "1.5b":
         checks.append(("1.5b: dropup finishes", True, f"{r_drop['out_gb']:.2f} GB written"))
         checks.append((f"1.5b: dropup time <= {CP_FACTOR}x cp", r_drop["wall_s"] <= CP_FACTOR * r_cp["wall_s"],
@@ -393,6 +398,36 @@ def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     return rows, checks, notes
+
+
+def draws(cfg: dict) -> int:
+    """Random values Drop-Upcycling draws: floor(r d_f) neurons x d_h x 3 matrices x E x layers."""
+    return (int(RATIO * cfg["intermediate_size"]) * cfg["hidden_size"] * 3 * NUM_EXPERTS
+            * cfg["num_hidden_layers"])
+
+
+def rng_floor_s(cfg: dict) -> tuple[float, float]:
+    """Lower bound on conversion time from random-number generation alone, on every core.
+
+    Measures torch's CPU ``normal_`` (the generator dropup uses, one stream per expert matrix) on
+    one thread, best of three 64M-value draws, and assumes perfect scaling over the cores.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        buf = torch.empty(1 << 26)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            buf.normal_(0.0, 1.0, generator=gen)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    rate = buf.numel() / best
+    return draws(cfg) / (rate * (os.cpu_count() or 1)), rate
 
 
 def append_results(text: str) -> None:

@@ -47,7 +47,7 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verify", action="store_true",
                    help="load the result with transformers; for naive and r = 0 compare logits")
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default: cores, max 4)")
+    p.add_argument("--threads", type=int, default=0, help="worker threads (default: one per core, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 

@@ -65,7 +65,7 @@ class UpcycleOptions:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     verify: bool = False
-    threads: int = 0  # 0: one per core, at most 4
+    threads: int = 0  # 0: one per core, at most 8
     progress: bool = True
 
     def validate(self) -> None:
@@ -443,7 +443,7 @@ def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, op
     torch kernels and file writes release the GIL, so drawing random numbers for one expert
     overlaps with writing the previous one. The look-ahead bounds memory to a few tensors.
     """
-    threads = opts.threads or max(1, min(4, os.cpu_count() or 1))
+    threads = opts.threads or max(1, min(8, os.cpu_count() or 1))
     window = 2 * threads
     _stream(plan, writer, buffers, threads, window, opts.progress)
 
