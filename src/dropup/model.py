@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropup.config import ModelConfig
+from dropup.losses import lm_head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -327,7 +328,19 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         return_router_logits: bool = False,
+        targets: torch.Tensor | None = None,
     ):
+        """Logits, or with ``targets`` the mean cross entropy computed chunk by chunk from the
+        final hidden states (the [batch, seq, vocab] logits are never materialised)."""
+        x, router_logits = self.hidden_states(input_ids, position_ids)
+        if targets is not None:
+            out = lm_head_cross_entropy(x, self.output_weight, targets)
+        else:
+            out = F.linear(x, self.output_weight)
+        return (out, router_logits) if return_router_logits else out
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """Final-norm hidden states [batch, seq, d] and the router logits of the MoE layers."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device)[None]
@@ -340,13 +353,18 @@ class CausalLM(nn.Module):
             x, r = layer(x, cos, sin, masks[layer.sliding_window])
             if r is not None:
                 router_logits.append(r)
-        x = self.model.norm(x)
-        logits = F.linear(x, self.output_weight)
-        return (logits, router_logits) if return_router_logits else logits
+        return self.model.norm(x), router_logits
 
     @property
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compile_layers(self, **kwargs) -> None:
+        """torch.compile each decoder layer on its own (regional compilation): the layers share
+        one compiled graph, compile time does not grow with depth, and FSDP2's per-layer hooks
+        stay outside the graphs. Fuses the norms, RoPE, SwiGLU and the routing arithmetic."""
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
 
     def set_moe_impl(self, impl: str) -> None:
         """Choose how MoE layers run their experts: one of MOE_IMPLS."""

@@ -30,7 +30,7 @@ from dropup.config import ModelConfig
 from dropup.data import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
 from dropup.hf_io import load_model
-from dropup.losses import GlobalBatchCounts, RouterStats, cross_entropy, load_balancing_loss, router_z_loss
+from dropup.losses import GlobalBatchCounts, RouterStats, load_balancing_loss, router_z_loss
 from dropup.model import CausalLM, DecoderLayer, build_model
 from dropup.runckpt import checkpoints, load_checkpoint, save_checkpoint
 from dropup.trainconfig import PRESETS, TrainConfig
@@ -282,7 +282,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
                 acc = torch.zeros(2, device=d.device)
                 for i in range(math.ceil(len(batches) / d.world) * d.world)[d.rank :: d.world]:
                     batch = batches[min(i, len(batches) - 1)].to(d.device)
-                    loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+                    loss = model(batch[:, :-1], targets=batch[:, 1:])
                     if i < len(batches):
                         acc += torch.stack([loss.float(), torch.ones((), device=d.device)])
                 acc = d.all_reduce_sum(acc)
@@ -308,9 +308,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             for m in range(accum):
                 j = m * d.world + d.rank  # the micro-batch's index within the global batch
                 batch = mixture.batch(step * G + j * mb, mb).to(d.device)
-                with autocast:
-                    logits, router_logits = model(batch[:, :-1], return_router_logits=True)
-                lm = cross_entropy(logits, batch[:, 1:])
+                with autocast:  # the loss comes chunked from the model: no full logits in memory
+                    lm, router_logits = model(batch[:, :-1], return_router_logits=True,
+                                              targets=batch[:, 1:])
                 aux = z = torch.zeros((), device=d.device)
                 if router_logits:
                     fractions = None
