@@ -111,8 +111,80 @@ def _run_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _data_parser(sub) -> None:
+    from dropup.prepare import PrepareOptions
+
+    d = PrepareOptions(inputs=[], out="")
+    p = sub.add_parser("data", help="prepare token datasets; build the built-in corpus",
+                       description="Tokenise text into the trainer's token files, or harvest the "
+                       "built-in multi-domain corpus from this machine.")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("prepare", help="tokenise text files into a dataset directory",
+                        description="Tokenise .txt/.md, .jsonl/.json (also .gz/.zst), Parquet and "
+                        "datasets.save_to_disk inputs, or directories of them, into token files.")
+    q.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
+    q.add_argument("--out", required=True, help="output dataset directory (new or empty)")
+    q.add_argument("--tokenizer", default=d.tokenizer,
+                   help="a Hugging Face tokenizer directory, or 'train' (byte-level BPE, the default)")
+    q.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary of a trained tokenizer")
+    q.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb,
+                   help="text sampled (seeded) to train the tokenizer on")
+    q.add_argument("--text-key", default=d.text_key, help="JSON field / Parquet column holding the text")
+    q.add_argument("--glob", action="append", default=[], dest="globs", metavar="PATTERN",
+                   help="in directories, read only files matching PATTERN (repeatable), e.g. '*.jsonl.zst'")
+    q.add_argument("--doc-split", default=d.doc_split, choices=("file", "paragraph", "line"),
+                   help=".txt/.md documents: a whole file (default), blank-line paragraphs, or lines")
+    q.add_argument("--domain", default=d.domain, help="domain label stored in meta.json")
+    q.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="fraction of documents for the val split (seeded, by document)")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--dtype", default=d.dtype, choices=("auto", "uint16", "uint32"))
+    q.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON lines/records")
+    q.add_argument("--strict-utf8", action="store_true",
+                   help="fail on bytes that are not UTF-8 (default: replace with U+FFFD and count)")
+    q.add_argument("--batch-mb", type=float, default=d.batch_mb, help="text per tokenizer batch")
+    q.add_argument("--threads", type=int, default=d.threads, help="tokenizer threads (default: every core)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    from dropup.corpus import CorpusOptions
+
+    c = CorpusOptions(out="")
+    r = dsub.add_parser("corpus", help="harvest the built-in domain-labelled corpus from this machine",
+                        description="Collect code, prose and C text from what is installed (no "
+                        "download): one JSONL file per domain, deduplicated, with a manifest.")
+    r.add_argument("--out", required=True, help="output directory (new or empty)")
+    r.add_argument("--max-mb", type=float, default=c.max_mb, help="size cap per domain (MB of text)")
+    r.add_argument("--domains", nargs="+", default=list(c.domains), help="domains to collect")
+    r.add_argument("--seed", type=int, default=c.seed, help="seeds the file order used under the cap")
+    r.add_argument("--quiet", action="store_true")
+
+
+def _run_data(a: argparse.Namespace) -> int:
+    import time
+
+    if a.data_command == "corpus":
+        from dropup.corpus import CorpusOptions, build_corpus, format_report
+
+        manifest = build_corpus(CorpusOptions(out=a.out, max_mb=a.max_mb, domains=tuple(a.domains),
+                                              seed=a.seed))
+        if not a.quiet:
+            print(format_report(manifest))
+        return 0
+    from dropup.prepare import PrepareOptions, prepare, summary_line, warnings_of
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "data_command", "quiet")}
+    t0 = time.perf_counter()
+    meta = prepare(PrepareOptions(**opts, progress=not a.quiet))
+    for w in warnings_of(meta):
+        print(f"dropup data prepare: warning: {w}", file=sys.stderr)
+    if not a.quiet:
+        print(summary_line(meta, a.out, time.perf_counter() - t0))
+    return 0
+
+
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
-            "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train)}
+            "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
+            "data": (_data_parser, _run_data)}
 
 
 def build_parser() -> argparse.ArgumentParser:

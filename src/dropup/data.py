@@ -53,45 +53,92 @@ class TokenWriter:
             w.meta["tokenizer"] = "..."          # extra keys land in meta.json
 
     ``meta.json`` is written last, so a directory without it is an unfinished dataset; a failure
-    inside the ``with`` block removes what was written.
+    inside the ``with`` block removes what was written. Document offsets go to a scratch file as
+    they come (a corpus of 10^8 documents would otherwise hold 10^8 Python ints) and become
+    ``<split>.offsets.npy`` at the end.
     """
+
+    _OFFSET_FLUSH = 1 << 16  # offsets buffered in memory before they go to the scratch file
 
     def __init__(self, out: str | os.PathLike, vocab_size: int, eos_token_id: int | None = None,
                  dtype: str | None = None):
         self.out = Path(out)
         if (self.out / "meta.json").exists():
             raise UserError(f"{self.out} already holds a dataset (meta.json); choose another directory")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype) if dtype else token_dtype(vocab_size)
         if self.dtype not in (np.uint16, np.uint32):
             raise UserError(f"token dtype must be uint16 or uint32, got {self.dtype}")
         if vocab_size > np.iinfo(self.dtype).max + 1:
-            raise UserError(f"vocabulary of {vocab_size} does not fit in {self.dtype}; use uint32")
+            raise UserError(f"a vocabulary of {vocab_size} tokens does not fit in {self.dtype} "
+                            f"(at most {np.iinfo(self.dtype).max + 1}); use uint32")
+        self.out.mkdir(parents=True, exist_ok=True)
         self.vocab_size, self.eos_token_id = vocab_size, eos_token_id
         self.meta: dict = {}
         self._files: dict[str, object] = {}
-        self._offsets: dict[str, list[int]] = {}
+        self._offset_files: dict[str, object] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._count: dict[str, tuple[int, int]] = {}  # split -> (tokens, docs) so far
+
+    def _open(self, split: str) -> None:
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._files:
+            self._files[split] = open(self.out / f"{split}.bin", "wb")
+            self._offset_files[split] = open(self.out / f".{split}.offsets.tmp", "wb")
+            self._pending[split] = []
+            self._count[split] = (0, 0)
 
     def add(self, tokens, split: str = "train") -> None:
         """Append one document (a sequence of token ids) to ``split``."""
-        if split not in SPLITS:
-            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
         arr = np.asarray(tokens, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+        self.add_batch(arr, np.array([arr.size], dtype=np.int64), split)
+
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray, split: str = "train") -> None:
+        """Append several documents at once: their tokens back to back and each one's length."""
+        self._open(split)
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"document lengths add up to {int(lengths.sum())}, not {tokens.size} tokens")
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise UserError(f"token id out of range [0, {self.vocab_size}) in a {split} document")
-        if split not in self._files:
-            self._files[split] = open(self.out / f"{split}.bin", "wb")
-            self._offsets[split] = [0]
-        self._files[split].write(arr.astype(self.dtype).tobytes())
-        self._offsets[split].append(self._offsets[split][-1] + arr.size)
+        self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
+        n_tokens, n_docs = self._count[split]
+        self._pending[split].append(n_tokens + np.cumsum(lengths))
+        self._count[split] = (n_tokens + tokens.size, n_docs + lengths.size)
+        if sum(a.size for a in self._pending[split]) >= self._OFFSET_FLUSH:
+            self._flush_offsets(split)
+
+    def _flush_offsets(self, split: str) -> None:
+        for a in self._pending[split]:
+            self._offset_files[split].write(a.astype("<i8", copy=False).tobytes())
+        self._pending[split] = []
+
+    def count(self, split: str) -> tuple[int, int]:
+        """(tokens, documents) written to ``split`` so far."""
+        return self._count.get(split, (0, 0))
+
+    def _finish_offsets(self, split: str) -> None:
+        """Scratch file of document ends -> ``<split>.offsets.npy`` ([0, end_0, end_1, ...])."""
+        self._flush_offsets(split)
+        self._offset_files[split].close()
+        tmp = self.out / f".{split}.offsets.tmp"
+        n_docs = self._count[split][1]
+        with open(self.out / f"{split}.offsets.npy", "wb") as f, open(tmp, "rb") as src:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<i8", "fortran_order": False, "shape": (n_docs + 1,)})
+            f.write(np.zeros(1, dtype="<i8").tobytes())
+            while chunk := src.read(1 << 22):
+                f.write(chunk)
+        tmp.unlink()
 
     def close(self) -> Path:
         splits = {}
         for split, f in self._files.items():
             f.close()
-            offsets = np.asarray(self._offsets[split], dtype=np.int64)
-            np.save(self.out / f"{split}.offsets.npy", offsets)
-            splits[split] = {"tokens": int(offsets[-1]), "docs": len(offsets) - 1}
+            self._finish_offsets(split)
+            tokens, docs = self._count[split]
+            splits[split] = {"tokens": tokens, "docs": docs}
         meta = {**self.meta, "format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id, "splits": splits}
         tmp = self.out / ".meta.json.tmp"
@@ -108,7 +155,8 @@ class TokenWriter:
             return
         for split, f in self._files.items():
             f.close()
-            for name in (f"{split}.bin", f"{split}.offsets.npy"):
+            self._offset_files[split].close()
+            for name in (f"{split}.bin", f"{split}.offsets.npy", f".{split}.offsets.tmp"):
                 (self.out / name).unlink(missing_ok=True)
 
 

@@ -1,0 +1,363 @@
+"""``dropup data prepare``: text in, the trainer's token files out (format: ``dropup.data``).
+
+Pipeline: the reader (this thread) parses batches of documents while a worker thread runs the
+tokenizer's multithreaded batch encoding on the previous batch, then this thread appends EOS,
+assigns each document to train or val and streams the tokens to disk. At most two batches are in
+flight, so memory does not grow with the corpus.
+
+The output directory is assembled in a hidden temporary directory beside it and renamed into place
+at the end; any failure removes it, so OUT is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from dropup.data import TokenWriter, token_dtype
+from dropup.errors import UserError
+from dropup.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
+
+EOS = "<|endoftext|>"
+MIN_TRAINED_VOCAB = 257  # the 256 byte tokens of a byte-level BPE plus the end-of-document token
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    out: str
+    tokenizer: str = "train"  # a Hugging Face tokenizer directory, or "train"
+    vocab_size: int = 32000  # --tokenizer train: size of the byte-level BPE vocabulary
+    tokenizer_sample_mb: float = 64.0  # --tokenizer train: text sampled to train it on
+    text_key: str = "text"
+    globs: list[str] = field(default_factory=list)
+    doc_split: str = "file"  # .txt/.md: file | paragraph | line
+    domain: str | None = None
+    val_fraction: float = 0.01
+    seed: int = 0
+    dtype: str = "auto"  # auto | uint16 | uint32
+    skip_bad: bool = False
+    strict_utf8: bool = False
+    batch_mb: float = 1.0  # text per tokenizer call: large enough to keep every core busy
+    threads: int = 0  # tokenizer threads; 0: every core
+    progress: bool = True
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.text_key, self.doc_split, self.skip_bad, self.strict_utf8)
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise UserError("no inputs given")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.dtype not in ("auto", "uint16", "uint32"):
+            raise UserError(f"--dtype must be auto, uint16 or uint32, not {self.dtype!r}")
+        if self.doc_split not in DOC_SPLITS:
+            raise UserError(f"--doc-split must be one of {', '.join(DOC_SPLITS)}")
+        if self.tokenizer == "train":
+            if self.vocab_size < MIN_TRAINED_VOCAB:
+                raise UserError(f"--vocab-size must be at least {MIN_TRAINED_VOCAB} (256 bytes + EOS), "
+                                f"got {self.vocab_size}")
+            if self.dtype != "auto":
+                _check_dtype(self.vocab_size, self.dtype)
+        elif not Path(self.tokenizer).is_dir():
+            raise UserError(f"--tokenizer {self.tokenizer}: not a directory (a Hugging Face tokenizer "
+                            "directory, or 'train')")
+        if self.batch_mb <= 0 or self.tokenizer_sample_mb <= 0:
+            raise UserError("--batch-mb and --tokenizer-sample-mb must be positive")
+
+
+def _check_dtype(vocab_size: int, dtype: str) -> None:
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise UserError(f"a vocabulary of {vocab_size} tokens does not fit in {dtype} "
+                        f"(at most {np.iinfo(dtype).max + 1} ids); use --dtype uint32 or auto")
+
+
+def _uniform(seed: int, index: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) draw per document index (splitmix64 of seed and index): the same document
+    gets the same draw however the corpus is batched or threaded."""
+    with np.errstate(over="ignore"):
+        z = index.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+# ---- tokenizers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedTokenizer:
+    backend: object  # tokenizers.Tokenizer
+    hf: object  # transformers.PreTrainedTokenizerFast
+    eos_id: int
+    vocab_size: int
+    source: str
+
+
+def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
+    """A Hugging Face tokenizer directory via ``AutoTokenizer`` (fast tokenizers only: their Rust
+    backend does the multithreaded batch encoding)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad directory
+        raise UserError(f"--tokenizer {path}: not a loadable tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"--tokenizer {path}: only fast (tokenizer.json) tokenizers are supported")
+    if hf.eos_token_id is None:
+        raise UserError(f"--tokenizer {path}: the tokenizer has no end-of-document (eos) token")
+    return LoadedTokenizer(backend, hf, int(hf.eos_token_id), len(hf), str(path))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: str | os.PathLike) -> LoadedTokenizer:
+    """Train a byte-level BPE (every string encodes, and decoding gives it back exactly) and save
+    it where ``transformers.AutoTokenizer`` loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, model_max_length=1 << 30)
+    hf.save_pretrained(str(out))
+    return load_tokenizer(out)
+
+
+def sample_documents(files: list[InputFile], ropts: ReadOptions, budget_bytes: int, seed: int) -> list[str]:
+    """A seeded uniform sample of documents, up to ``budget_bytes`` of text, in one pass and
+    bounded memory: keep the documents with the smallest per-document draws (bottom-k)."""
+    heap: list[tuple[float, int, str]] = []  # (-draw, index, text): the largest draw on top
+    size, index = 0, 0
+    for inp in files:
+        for text in read_documents(inp, ropts):
+            u = float(_uniform(seed + 1, np.array([index]))[0])
+            index += 1
+            if heap and size >= budget_bytes and u >= -heap[0][0]:
+                continue
+            heapq.heappush(heap, (-u, index, text))
+            size += len(text)
+            while size > budget_bytes and len(heap) > 1:
+                size -= len(heapq.heappop(heap)[2])
+    return [t for _, _, t in sorted(heap, key=lambda e: e[1])]
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+
+def _batches(files: list[InputFile], ropts: ReadOptions, batch_bytes: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for inp in files:
+        for text in read_documents(inp, ropts):
+            batch.append(text)
+            size += len(text)
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                TextColumn("{task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens  "
+                                           "{task.fields[rate]:,.0f} tokens/s"), TimeElapsedColumn(),
+                                transient=True)
+            self.task = self.bar.add_task("tokenising", docs=0, tokens=0, rate=0.0)
+            self.bar.start()
+
+    def update(self, docs: int, tokens: int, what: str = "tokenising") -> None:
+        if self.bar is not None:
+            rate = tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, description=what, docs=docs, tokens=tokens, rate=rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputFile], opts: PrepareOptions,
+                   progress: _Progress) -> None:
+    ropts = opts.read_options()
+    docs_done, tokens_done = 0, 0
+
+    def encode(texts: list[str]):
+        return tok.backend.encode_batch_fast(texts, add_special_tokens=False)
+
+    def write(texts: list[str], owners: list[InputFile], encodings) -> None:
+        nonlocal docs_done, tokens_done
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.insert(flat, np.cumsum(lengths), tok.eos_id)  # EOS after every document
+        lengths += 1
+        is_val = _uniform(opts.seed, np.arange(docs_done, docs_done + len(texts))) < opts.val_fraction
+        token_is_val = np.repeat(is_val, lengths)
+        for split, mask, tmask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
+            if mask.any():
+                writer.add_batch(flat[tmask], lengths[mask], split)
+        for owner, n in zip(owners, lengths.tolist()):
+            owner.tokens += n
+        docs_done += len(texts)
+        tokens_done += int(lengths.sum())
+        progress.update(docs_done, tokens_done)
+
+    # Which file each document of a batch came from, for the manifest's per-file token counts:
+    # read_documents counts documents per file as it goes.
+    cursor, seen = 0, 0  # files are read in order: the first file that may have unseen docs
+
+    def batch_owners(n: int) -> list[InputFile]:
+        nonlocal cursor, seen
+        out: list[InputFile] = []
+        while len(out) < n:
+            f = files[cursor]
+            take = min(f.docs - seen, n - len(out))
+            out += [f] * take
+            seen += take
+            if len(out) < n:
+                cursor, seen = cursor + 1, 0
+        return out
+
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        pending = None
+        for texts in _batches(files, ropts, int(opts.batch_mb * 2**20)):
+            job = (texts, batch_owners(len(texts)), pool.submit(encode, texts))
+            if pending is not None:  # while the new batch encodes, store the previous one
+                write(pending[0], pending[1], pending[2].result())
+            pending = job
+        if pending is not None:
+            write(pending[0], pending[1], pending[2].result())
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run the pipeline; returns meta.json's contents."""
+    opts.validate()
+    if opts.threads:
+        os.environ["RAYON_NUM_THREADS"] = str(opts.threads)  # read when the tokenizer's pool starts
+    out = Path(opts.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} is not empty; choose a new one or remove it")
+    files = discover(opts.inputs, opts.globs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    progress = _Progress(opts.progress)
+    t0 = time.perf_counter()
+    try:
+        if opts.tokenizer == "train":
+            progress.update(0, 0, "sampling text for the tokenizer")
+            fresh = [replace(f) for f in files]
+            sample = sample_documents(fresh, opts.read_options(), int(opts.tokenizer_sample_mb * 2**20), opts.seed)
+            if not sample:
+                raise UserError(_empty_message(fresh))
+            progress.update(0, 0, f"training a {opts.vocab_size}-token BPE")
+            tok = train_tokenizer(sample, opts.vocab_size, tmp / "tokenizer")
+            del sample
+        else:
+            tok = load_tokenizer(opts.tokenizer)
+            tok.hf.save_pretrained(str(tmp / "tokenizer"))
+        dtype = token_dtype(tok.vocab_size).name if opts.dtype == "auto" else opts.dtype
+        _check_dtype(tok.vocab_size, dtype)
+        with TokenWriter(tmp, tok.vocab_size, tok.eos_id, dtype=dtype) as writer:
+            _tokenize_into(writer, tok, files, opts, progress)
+            totals = Totals.of(files)
+            if totals.docs == 0:
+                raise UserError(_empty_message(files))
+            if writer.count("train")[1] == 0:
+                raise UserError(f"all {totals.docs} documents went to the val split; lower --val-fraction")
+            writer.meta.update(_meta(opts, tok, tmp, totals, time.perf_counter() - t0))
+        progress.close()
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    except BaseException:
+        progress.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from dropup.data import read_meta
+
+    return read_meta(out)
+
+
+def _empty_message(files: list[InputFile]) -> str:
+    t = Totals.of(files)
+    extra = []
+    if t.empty:
+        extra.append(f"{t.empty} empty")
+    if t.skipped_bad:
+        extra.append(f"{t.skipped_bad} bad records skipped")
+    return (f"no documents in the input ({t.files} file{'s' if t.files != 1 else ''}"
+            + (f"; {', '.join(extra)}" if extra else "") + ")")
+
+
+def _meta(opts: PrepareOptions, tok: LoadedTokenizer, tmp: Path, totals: Totals, seconds: float) -> dict:
+    from dropup import __version__
+
+    return {
+        "domain": opts.domain,
+        "tokenizer": {"path": "tokenizer", "source": opts.tokenizer, "sha256": _sha256_file(tmp / "tokenizer" /
+                      "tokenizer.json"), "vocab_size": tok.vocab_size, "eos_token": tok.hf.eos_token,
+                      **({"trained_vocab_size": opts.vocab_size, "sample_mb": opts.tokenizer_sample_mb}
+                         if opts.tokenizer == "train" else {})},
+        "prepare": {"text_key": opts.text_key, "doc_split": opts.doc_split, "globs": opts.globs,
+                    "val_fraction": opts.val_fraction, "seed": opts.seed, "eos_appended": True,
+                    "add_special_tokens": False, "dropup_version": __version__},
+        "input_docs": totals.docs, "skipped_bad": totals.skipped_bad, "empty_skipped": totals.empty,
+        "replaced_utf8": totals.replaced_utf8,
+        "inputs": totals.per_file,
+    }
+
+
+def summary_line(meta: dict, out: str, seconds: float | None = None) -> str:
+    s = meta["splits"]
+    tr, va = s.get("train", {"tokens": 0, "docs": 0}), s.get("val", {"tokens": 0, "docs": 0})
+    line = (f"wrote {out}: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
+            f"{va['docs']:,} docs, {meta['dtype']}, vocabulary {meta['vocab_size']:,}")
+    if seconds:
+        line += f", {(tr['tokens'] + va['tokens']) / seconds:,.0f} tokens/s"
+    return line
+
+
+def warnings_of(meta: dict) -> list[str]:
+    w = []
+    if meta.get("replaced_utf8"):
+        files = [i["path"] for i in meta["inputs"] if i["replaced_utf8"]]
+        w.append(f"replaced {meta['replaced_utf8']} invalid UTF-8 sequence(s) with U+FFFD in "
+                 f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
+    if meta.get("skipped_bad"):
+        w.append(f"skipped {meta['skipped_bad']} bad record(s) (--skip-bad)")
+    if meta.get("empty_skipped"):
+        w.append(f"skipped {meta['empty_skipped']} empty document(s)")
+    return w
