@@ -35,16 +35,12 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = _chunk_step(h.device)
         for start in range(0, h.shape[0], chunk):
-            hc, tc, vc = h[start:start + chunk], safe[start:start + chunk], valid[start:start + chunk]
-            logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            hc = h[start:start + chunk]
+            loss, g = step(hc, w, safe[start:start + chunk], valid[start:start + chunk], want_grad)
+            total += loss
             if want_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g.scatter_add_(1, tc[:, None], -torch.ones_like(g[:, :1]))
-                g.mul_(vc[:, None])
-                g = g.to(dtype)
                 grad_h[start:start + chunk] = g @ w
                 grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w, count)
@@ -58,6 +54,33 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         dh = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
         dw = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
         return dh, dw, None, None, None, None
+
+
+def _ce_chunk(hc, w, targets, valid, want_grad: bool):
+    """Summed loss of one chunk and, when wanted, d(loss)/d(logits) = softmax - onehot (masked),
+    in the matmul dtype. The fp32 logits live only inside this function."""
+    logits = (hc @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp()
+    g = g.scatter_add(1, targets[:, None], -torch.ones_like(g[:, :1]))
+    return loss, (g * valid[:, None]).to(hc.dtype)
+
+
+_COMPILED_CE_CHUNK = None
+
+
+def _chunk_step(device: torch.device):
+    """On CUDA the chunk's element-wise passes over [chunk, vocab] fp32 are memory-bound; compiled
+    they fuse into a couple of kernels. Elsewhere the eager function (no compiler needed)."""
+    global _COMPILED_CE_CHUNK
+    if device.type != "cuda":
+        return _ce_chunk
+    if _COMPILED_CE_CHUNK is None:
+        _COMPILED_CE_CHUNK = torch.compile(_ce_chunk, dynamic=False)
+    return _COMPILED_CE_CHUNK
 
 
 def lm_head_cross_entropy(

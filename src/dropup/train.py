@@ -244,6 +244,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
                 val_sets[spec.name] = batches
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    if cfg.compile or (cfg.compile is None and d.device.type == "cuda"):
+        model.compile_layers()  # before sharding, so FSDP2's per-layer hooks stay outside the graphs
     if d.world > 1:
         model = shard(model, d, bf16)  # moves the shards to the mesh's device
     else:

@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool | None = None  # per-layer torch.compile; None: on CUDA only
     log_interval: int = 10
     eval_interval: int = 500  # 0 = only at the end
     save_interval: int = 1000  # 0 = only at the end

@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Training-speed benchmark (issue 5): dropup against Hugging Face transformers, same run.
+
+    python benchmarks/train_bench.py [--shapes 8x152m,152m,8x1.5b-4l,1.5b-4l] [--steps 10]
+        [--warmup 3] [--no-hf] [--no-compile] [--full-8x1.5b] [--out DIR] [--smoke]
+
+For each shape it trains with the paper's recipe (bf16 autocast over fp32 master weights, fused
+AdamW (0.9, 0.95, eps 1e-8, wd 0.1), gradient clipping 1.0, load-balancing loss 0.02 for MoE) on
+random tokens, sequence 4096, and reports the median step time after warm-up, tokens/s, peak GPU
+memory, model TFLOP/s with the issue's formula
+
+    FLOPs/token = 6 * (L * (4 h^2 + 3 h d_f k) + h V) + 6 L S h     (k = top-k, 1 for dense)
+
+and that rate as a fraction of the bf16 matmul ceiling measured in the same run (8192^3).
+Contenders: dropup eager, dropup with per-layer torch.compile, transformers (Llama with sdpa for
+dense; Mixtral with each experts implementation it offers for MoE).
+
+Before timing, dropup's fast path (grouped GEMM, bf16 autocast, compiled) is checked against its
+reference path (one matmul per expert, fp32): relative error of the loss, the final hidden states
+and every gradient must be <= 1e-2. ``--smoke`` runs tiny shapes on the CPU to test the script.
+The table is printed and written to ``OUT/train_bench.md`` (with device, versions and command);
+copy it into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dropup.config import ModelConfig  # noqa: E402
+from dropup.losses import load_balancing_loss  # noqa: E402
+from dropup.model import build_model  # noqa: E402
+
+SEQ = 4096
+SHAPES = {
+    # name: (moe?, layers, hidden, d_f, heads, kv heads, vocab, micro-batch)
+    "8x152m": (True, 12, 512, 2048, 8, 8, 99584, 8),
+    "152m": (False, 12, 512, 2048, 8, 8, 99584, 8),
+    "8x1.5b-4l": (True, 4, 2048, 7168, 16, 16, 99584, 4),
+    "1.5b-4l": (False, 4, 2048, 7168, 16, 16, 99584, 4),
+}
+SMOKE = {
+    "8x152m": (True, 2, 64, 128, 4, 4, 512, 2),
+    "152m": (False, 2, 64, 128, 4, 4, 512, 2),
+}
+E, K, AUX = 8, 2, 0.02
+
+
+def hf_config(name: str, shape: tuple) -> dict:
+    moe, layers, h, d_f, heads, kv, vocab, _ = shape
+    cfg = dict(vocab_size=vocab, hidden_size=h, intermediate_size=d_f, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=SEQ,
+               rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+    cfg.setdefault("rope_theta", 10000.0)
+    if moe:
+        cfg.update(model_type="mixtral", num_local_experts=E, num_experts_per_tok=K,
+                   router_aux_loss_coef=AUX, output_router_logits=True)
+    else:
+        cfg.update(model_type="llama")
+    return cfg
+
+
+def flops_per_token(shape: tuple, seq: int) -> float:
+    moe, layers, h, d_f, _, _, vocab, _ = shape
+    k = K if moe else 1
+    return 6 * (layers * (4 * h * h + 3 * h * d_f * k) + h * vocab) + 6 * layers * seq * h
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def dropup_step_fn(model, moe: bool):
+    def step(x, y):
+        loss, router_logits = model(x, targets=y, return_router_logits=True)
+        if moe:
+            loss = loss + AUX * load_balancing_loss(router_logits, K, E)
+        return loss
+    return step
+
+
+def hf_step_fn(model):
+    def step(x, y):
+        out = model(input_ids=x, labels=x)  # transformers shifts labels itself
+        return out.loss  # includes the aux loss when output_router_logits=True
+    return step
+
+
+def build_hf(cfg: dict, impl: str | None, device):
+    import transformers
+
+    conf = transformers.AutoConfig.for_model(**cfg)
+    kwargs = {"attn_implementation": "sdpa"}
+    if impl is not None:
+        kwargs["experts_implementation"] = impl
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(conf, dtype=torch.float32, **kwargs)
+    return model
+
+
+def time_training(step_fn, model, shape, device, steps: int, warmup: int) -> dict:
+    mb = shape[7]
+    vocab = shape[6]
+    seq = SEQ if device.type == "cuda" else 64
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=2e-4, betas=(0.9, 0.95),
+                            eps=1e-8, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    data = torch.randint(0, vocab, (4, mb, seq + 1), device=device, generator=gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        batch = data[i % 4]
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = step_fn(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    t = statistics.median(times)
+    tokens = mb * seq
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"step_s": t, "tokens_per_s": tokens / t,
+            "tflops": flops_per_token(shape, seq) * tokens / t / 1e12, "peak_gib": peak,
+            "loss_last": losses[-1]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check_fast_path(shape, device, compile_: bool) -> dict:
+    """dropup's fast path against its reference path, under bf16 autocast as in training.
+
+    1. One MoE layer's experts on the same tokens and routing: grouped GEMM (compiled when the
+       benchmark compiles) against one matmul per expert; output and gradients of input and
+       expert weights.
+    2. The whole 2-layer model, fast (grouped, compiled) against reference (per-expert, eager):
+       loss, final hidden states and every gradient. The routers are scaled up so that top-k
+       choices have clear margins: at random initialisation routing is a near-tie everywhere,
+       and any two implementations (or precisions) flip some choices, which is not an error.
+    Limit: relative error <= 1e-2. For information the bf16 fast path against an fp32 reference.
+    """
+    from dropup.model import MoE
+
+    moe, layers, h, d_f, heads, kv, vocab, _ = shape
+    cfg = ModelConfig.from_hf(hf_config("check", (moe, 2, h, d_f, heads, kv, vocab, 1)))
+    amp = device.type == "cuda"
+    out = {}
+    gen = torch.Generator(device).manual_seed(1)
+
+    # 1. the experts alone
+    torch.manual_seed(0)
+    layer = MoE(cfg).to(device)
+    torch.nn.init.normal_(layer.router.weight, std=0.02)
+    for p_ in (layer.experts.gate_proj, layer.experts.up_proj, layer.experts.down_proj):
+        torch.nn.init.normal_(p_, std=0.02)
+    x = torch.randn(2048, h, device=device, generator=gen)
+    with torch.no_grad():
+        _, weights, ids = layer.route(x)
+    runs = []
+    for impl in ("loop", "grouped"):
+        layer.impl = impl
+        fn = layer.run_experts
+        if impl == "grouped" and compile_ and amp:
+            fn = torch.compile(layer.run_experts, dynamic=False)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y = fn(xi, weights, ids)
+        y.float().pow(2).sum().backward()
+        runs.append((y.detach(), xi.grad, [p_.grad.clone() for p_ in layer.experts.parameters()]))
+        layer.zero_grad(set_to_none=True)
+    (y0, gx0, gw0), (y1, gx1, gw1) = runs
+    out["experts"] = {"out": rel(y1, y0), "grad_x": rel(gx1, gx0),
+                      "grad_w_max": max(rel(a, b) for a, b in zip(gw1, gw0))}
+
+    # 2. the model
+    torch.manual_seed(0)
+    models = {}
+    for name in ("ref", "fast", "fp32"):
+        models[name] = build_model(cfg, device=device)
+    with torch.no_grad():
+        for m in models["ref"].modules():
+            if isinstance(m, MoE):
+                m.router.weight.mul_(50.0)
+    for name in ("fast", "fp32"):
+        models[name].load_state_dict(models["ref"].state_dict())
+    models["ref"].set_moe_impl("loop")
+    models["fp32"].set_moe_impl("loop")
+    models["fast"].set_moe_impl("grouped")
+    if compile_ and amp:
+        models["fast"].compile_layers()
+    tokens = torch.randint(0, vocab, (2, 513), device=device, generator=gen)
+    results = {}
+    for name, use_amp in (("ref", amp), ("fast", amp), ("fp32", False)):
+        model = models[name]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            hidden, _ = model.hidden_states(tokens[:, :-1])
+            loss = dropup_step_fn(model, moe)(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results[name] = (hidden.detach(), loss.detach(), {n: p_.grad for n, p_ in model.named_parameters()})
+    (h0, l0, g0), (h1, l1, g1), (h2, l2, g2) = results["ref"], results["fast"], results["fp32"]
+    out["model"] = {"hidden": rel(h1, h0), "loss": rel(l1, l0), "grad_max": max(rel(g1[n], g0[n]) for n in g0)}
+    out["ok"] = all(v <= 1e-2 for part in ("experts", "model") for v in out[part].values())
+    out["bf16_vs_fp32"] = {"hidden": rel(h1, h2), "loss": rel(l1, l2),
+                           "grad_median": statistics.median(rel(g1[n], g2[n]) for n in g2)}
+    return out
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_contender(name, make, shape, device, steps, warmup) -> dict:
+    try:
+        model, step_fn = make()
+        r = time_training(step_fn, model, shape, device, steps, warmup)
+    except torch.OutOfMemoryError as e:
+        first = str(e).splitlines()[0]
+        r = {"error": "out of memory: " + first[:120]}
+    except Exception as e:  # noqa: BLE001 - a contender that fails is reported, not fatal
+        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    finally:
+        model = step_fn = None  # noqa: F841
+        free()
+    r["contender"] = name
+    return r
+
+
+def bench_shape(sname, shape, device, args) -> list[dict]:
+    moe = shape[0]
+    cfg_hf = hf_config(sname, shape)
+    rows = []
+
+    def dropup_maker(compiled: bool):
+        def make():
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.from_hf(cfg_hf), device=device)
+            if compiled:
+                model.compile_layers()
+            return model, dropup_step_fn(model, moe)
+        return make
+
+    rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps, args.warmup))
+    if not args.no_compile:
+        rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
+                                  args.warmup))
+    if not args.no_hf:
+        impls = ["eager", "grouped_mm", "batched_mm"] if moe else [None]
+        for impl in impls:
+            label = f"transformers ({impl or 'sdpa'})"
+            rows.append(run_contender(label, lambda impl=impl: (
+                (m := build_hf(cfg_hf, impl, device)), hf_step_fn(m)), shape, device, args.steps,
+                args.warmup))
+    for r in rows:
+        r["shape"] = sname
+    return rows
+
+
+def full_8x15b_probe(device, args) -> list[dict]:
+    """Does the full 24-layer 8x1.5B (paper shape) train on one GPU, and at which micro-batch?"""
+    shape = (True, 24, 2048, 7168, 16, 8, 48640, 1)
+    out = []
+    for mb in (1, 2, 4):
+        s = shape[:7] + (mb,)
+        cfg_hf = hf_config("8x1.5b", s)
+
+        def make():
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.from_hf(cfg_hf), device=device)
+            model.compile_layers()
+            return model, dropup_step_fn(model, True)
+
+        r = run_contender(f"dropup (compiled), micro-batch {mb}", make, s, device, 3, 2)
+        r["shape"] = "8x1.5b (24 layers)"
+        out.append(r)
+        if "error" in r:
+            break
+    return out
+
+
+def profile_step(sname, shape, device, out_dir) -> None:
+    """Top kernels of two compiled dropup training steps (after warm-up), printed and saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_hf(hf_config(sname, shape)), device=device)
+    model.compile_layers()
+    step = dropup_step_fn(model, shape[0])
+    time_training(step, model, shape, device, 2, 2)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_training(step, model, shape, device, 2, 0)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
+    print(text)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"profile_{sname}.txt").write_text(text)
+    del model
+    free()
+
+
+def versions() -> dict:
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        v["device"] = torch.cuda.get_device_name()
+        v["cuda"] = torch.version.cuda
+    return v
+
+
+def table(rows: list[dict], ceiling: float, baselines: dict) -> str:
+    head = ["shape", "contender", "tokens/s", "step s", "peak GiB", "model TFLOP/s", "of ceiling",
+            "vs best transformers"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['contender']} | {r['error']} | | | | | |")
+            continue
+        best = baselines.get(r["shape"])
+        vs = f"{r['tokens_per_s'] / best:.2f}x" if best else "-"
+        lines.append(f"| {r['shape']} | {r['contender']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
+                     f"{r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['tflops'] / ceiling:.1%} | {vs} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="8x152m,152m,8x1.5b-4l,1.5b-4l")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--full-8x1.5b", action="store_true", dest="full")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (tests the script)")
+    ap.add_argument("--profile", action="store_true", help="profile the first shape's compiled step")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    shapes = SMOKE if args.smoke else SHAPES
+    names = [s for s in args.shapes.split(",") if s in shapes]
+    print(json.dumps(versions()), flush=True)
+    ceiling = matmul_ceiling(device)
+    print(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s", flush=True)
+    checks = {}
+    for sname in names:
+        if shapes[sname][0]:
+            checks[sname] = check_fast_path(shapes[sname], device, not args.no_compile)
+            print(f"fast-path check {sname}: {checks[sname]}", flush=True)
+    rows = []
+    for sname in names:
+        for r in bench_shape(sname, shapes[sname], device, args):
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if args.profile:
+        profile_step(names[0], shapes[names[0]], device, args.out)
+    if args.full and not args.smoke:
+        for r in full_8x15b_probe(device, args):
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    baselines = {}
+    for r in rows:
+        if r["contender"].startswith("transformers") and "error" not in r:
+            baselines[r["shape"]] = max(baselines.get(r["shape"], 0), r["tokens_per_s"])
+    text = [f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: train_bench",
+            "", f"- command: `{shlex.join(['python', *sys.argv])}`",
+            f"- versions: {json.dumps(versions())}",
+            f"- bf16 matmul ceiling measured in this run: {ceiling:.0f} TFLOP/s",
+            f"- sequence {SEQ if device.type == 'cuda' else 64}; steps timed {args.steps} after {args.warmup} warm-up; median",
+            "- fast-path checks (grouped+compiled vs per-expert eager reference, both bf16 autocast; relative error, limit 1e-2; bf16_vs_fp32 for information): "
+            + "; ".join(f"{k}: {json.dumps(v)}" for k, v in checks.items()), "",
+            table(rows, ceiling, baselines), ""]
+    out = "\n".join(text)
+    print(out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "train_bench.md").write_text(out)
+    (Path(args.out) / "train_bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
