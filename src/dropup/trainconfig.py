@@ -85,6 +85,7 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    state_dtype: str = "float32"  # AdamW moments: float32, or bfloat16 to save 4 bytes/parameter
 
 
 @dataclass
@@ -149,6 +150,9 @@ class TrainConfig:
                             f"not {self.loss.balance_mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"config: precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.optim.state_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"config: optim.state_dtype must be float32 or bfloat16, not "
+                            f"{self.optim.state_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"config: device must be auto, cpu or cuda, not {self.device!r}")
         if self.export_dtype not in ("float32", "bfloat16"):
