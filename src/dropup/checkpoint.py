@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -41,17 +42,20 @@ TOKENIZER_FILES = (
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    file: Path
+class _Sized:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo(_Sized):
+    """Where a source tensor lives and what it is."""
+
+    file: Path = Path()
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -80,7 +84,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if dtype is None:
                 raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
             begin, end = entry["data_offsets"]
-            info = TensorInfo(path, dtype, tuple(int(d) for d in entry["shape"]))
+            info = TensorInfo(dtype, tuple(int(d) for d in entry["shape"]), file=path)
             if end - begin != info.nbytes or end > data_len:
                 raise ValueError(f"tensor {name} lies outside the file (truncated?)")
             end_max = max(end_max, end)
@@ -160,7 +164,7 @@ class DenseCheckpoint:
                 ) from None
             for name, t in sd.items():
                 self._bin[name] = t
-                self.tensors[name] = TensorInfo(f, t.dtype, tuple(t.shape))
+                self.tensors[name] = TensorInfo(t.dtype, tuple(t.shape), file=f)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
@@ -185,17 +189,10 @@ class DenseCheckpoint:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+class TensorSpec(_Sized):
+    """One tensor of an output plan."""
 
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+    name: str = ""
 
 
 def parse_size(text: str | int) -> int:

@@ -7,6 +7,7 @@ checkpoint needs memory for a block, not for the model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -83,14 +84,14 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
     cfg = ck.config
     target, num_experts, top_k = _moe_fields(cfg)
     layers = int(cfg["num_hidden_layers"])
-    total = sum(_numel(info.shape) for info in ck.tensors.values())
+    total = sum(math.prod(info.shape) for info in ck.tensors.values())
     if cfg.get("tie_word_embeddings") and "lm_head.weight" in ck.tensors:
-        total -= _numel(ck.tensors["lm_head.weight"].shape)
+        total -= math.prod(ck.tensors["lm_head.weight"].shape)
     per_expert = 0
     for m in surgery.FFN_MATRICES:
         name = archs.expert_name(target, 0, 0, m)
         if name in ck.tensors:
-            per_expert += _numel(ck.tensors[name].shape)
+            per_expert += math.prod(ck.tensors[name].shape)
     active = total - layers * (num_experts - top_k) * per_expert
     report: dict = {
         "path": str(ck.path), "architecture": target, "layers": layers,
@@ -118,13 +119,6 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
     if similarity:
         report["similarity"] = [expert_similarity(ck, target, i, num_experts) for i in range(layers)]
     return report
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _human(n: int) -> str:

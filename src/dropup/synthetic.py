@@ -49,7 +49,7 @@ def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16"
     for layer in range(shape.layers):
         for m in ("gate", "up", "down"):
             names[shape.ffn_name(layer, m)] = shape.ffn_shape(m)
-    plan = [TensorSpec(n, dt, s) for n, s in names.items()]
+    plan = [TensorSpec(dt, s, name=n) for n, s in names.items()]
     writer = ShardedWriter(out, plan, parse_size(max_shard_size))
     gen = torch.Generator().manual_seed(seed)
     for spec in plan:

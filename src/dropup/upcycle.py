@@ -281,7 +281,7 @@ def _plan(ctx: _Ctx, cache: _FFNCache, checksums: dict) -> list[tuple[TensorSpec
     plan: list[tuple[TensorSpec, Callable]] = []
 
     def add(name: str, shp: tuple[int, ...], fn: Callable) -> None:
-        plan.append((TensorSpec(name, dt, tuple(shp)), fn))
+        plan.append((TensorSpec(dt, tuple(shp), name=name), fn))
 
     def const(shp: tuple[int, ...], value: float) -> Callable:
         return lambda: torch.full(shp, value, dtype=dt)
