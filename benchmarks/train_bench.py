@@ -188,7 +188,8 @@ def check_fast_path(shape, device, compile_: bool) -> dict:
        routing is a near-tie everywhere and any two implementations (or precisions) flip some
        top-2 choices, a discontinuity that is not an error; routing every token to every expert
        keeps the sort/permute/combine machinery under test without it.
-    Limit: relative error <= 1e-2. For information the bf16 fast path against an fp32 reference.
+    Limit: relative error <= 1e-2 (outputs: logits and loss; gradients: all parameters' gradient
+    as one vector). For information the bf16 fast path against an fp32 reference.
     """
     from dropup.model import MoE
 
@@ -241,14 +242,19 @@ def check_fast_path(shape, device, compile_: bool) -> dict:
         model = models[name]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             hidden, _ = model.hidden_states(tokens[:, :-1])
+            logits = F.linear(hidden, model.output_weight)
             loss = dropup_step_fn(model, moe)(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        results[name] = (hidden.detach(), loss.detach(), {n: p_.grad for n, p_ in model.named_parameters()})
-    (h0, l0, g0), (h1, l1, g1), (h2, l2, g2) = results["ref"], results["fast"], results["fp32"]
-    out["model"] = {"hidden": rel(h1, h0), "loss": rel(l1, l0), "grad_max": max(rel(g1[n], g0[n]) for n in g0)}
+        grads = torch.cat([p_.grad.flatten().float() for p_ in model.parameters()])
+        results[name] = (logits.detach(), loss.detach(), grads,
+                         {n: p_.grad for n, p_ in model.named_parameters()})
+    (o0, l0, g0, t0), (o1, l1, g1, t1), (o2, l2, g2, _) = results["ref"], results["fast"], results["fp32"]
+    # Pass/fail on the model's outputs (logits, loss) and on its gradient as one vector; the
+    # worst single tensor is reported for information (tiny tensors such as norms amplify noise).
+    out["model"] = {"logits": rel(o1, o0), "loss": rel(l1, l0), "grad": rel(g1, g0)}
     out["ok"] = all(v <= 1e-2 for part in ("experts", "model") for v in out[part].values())
-    out["bf16_vs_fp32"] = {"hidden": rel(h1, h2), "loss": rel(l1, l2),
-                           "grad_median": statistics.median(rel(g1[n], g2[n]) for n in g2)}
+    out["model_grad_worst_tensor"] = max(rel(t1[n], t0[n]) for n in t0)
+    out["bf16_vs_fp32"] = {"logits": rel(o1, o2), "loss": rel(l1, l2), "grad": rel(g1, g2)}
     return out
 
 
@@ -389,6 +395,7 @@ def main() -> int:
     ap.add_argument("--full-8x1.5b", action="store_true", dest="full")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (tests the script)")
     ap.add_argument("--profile", action="store_true", help="profile the first shape's compiled step")
+    ap.add_argument("--check-only", action="store_true", help="run the fast-path checks, no timing")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -403,7 +410,7 @@ def main() -> int:
             checks[sname] = check_fast_path(shapes[sname], device, not args.no_compile)
             print(f"fast-path check {sname}: {checks[sname]}", flush=True)
     rows = []
-    for sname in names:
+    for sname in ([] if args.check_only else names):
         for r in bench_shape(sname, shapes[sname], device, args):
             print(json.dumps(r), flush=True)
             rows.append(r)
