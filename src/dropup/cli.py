@@ -143,7 +143,7 @@ def _data_parser(sub) -> None:
     q.add_argument("--strict-utf8", action="store_true",
                    help="fail on bytes that are not UTF-8 (default: replace with U+FFFD and count)")
     q.add_argument("--batch-mb", type=float, default=d.batch_mb, help="text per tokenizer batch")
-    q.add_argument("--threads", type=int, default=d.threads, help="tokenizer threads (default: every core)")
+    q.add_argument("--threads", type=int, default=d.threads, help="tokenizer worker processes (default: one per core)")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     from dropup.corpus import CorpusOptions

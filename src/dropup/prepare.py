@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,7 +52,7 @@ class PrepareOptions:
     skip_bad: bool = False
     strict_utf8: bool = False
     batch_mb: float = 1.0  # text per tokenizer call: large enough to keep every core busy
-    threads: int = 0  # tokenizer threads; 0: every core
+    threads: int = 0  # tokenizer worker processes; 0: one per core
     progress: bool = True
 
     def read_options(self) -> ReadOptions:
@@ -207,30 +209,61 @@ class _Progress:
             self.bar.stop()
 
 
+# Worker processes: each holds its own single-threaded copy of the tokenizer. Encoding and the
+# conversion of token ids to numpy (a Python loop over every token) then run in parallel, while
+# this process only reads, splits and writes; in one process the ids conversion and the reading
+# would share the cores with the tokenizer's threads and slow them down.
+_worker_tok = None
+_worker_eos = 0
+
+
+def _init_worker(tokenizer_json: str, eos_id: int) -> None:
+    global _worker_tok, _worker_eos
+    from tokenizers import Tokenizer
+
+    _worker_tok, _worker_eos = Tokenizer.from_str(tokenizer_json), eos_id
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a batch, EOS after every document: (flat ids as uint32, lengths)."""
+    ids = [e.ids for e in _worker_tok.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    flat = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths) - 1
+    flat[ends] = _worker_eos
+    body = np.ones(flat.size, dtype=bool)
+    body[ends] = False
+    flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=flat.size - len(ids))
+    return flat, lengths
+
+
+def _worker_pool(workers: int, tok: LoadedTokenizer) -> ProcessPoolExecutor:
+    """Forked workers (cheap: no re-import of torch). The tokenizers library notices the fork and
+    runs single-threaded in the children, which is what we want there; setting
+    TOKENIZERS_PARALLELISM while they start only silences its warning about it."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(tok.backend.to_str(), tok.eos_id))
+
+
 def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputFile], opts: PrepareOptions,
                    progress: _Progress) -> None:
     ropts = opts.read_options()
     docs_done, tokens_done = 0, 0
 
-    def encode(texts: list[str]):
-        return tok.backend.encode_batch_fast(texts, add_special_tokens=False)
-
-    def write(texts: list[str], owners: list[InputFile], encodings) -> None:
+    def write(n_docs: int, owners: list[InputFile], result: tuple[np.ndarray, np.ndarray]) -> None:
         nonlocal docs_done, tokens_done
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        flat = np.insert(flat, np.cumsum(lengths), tok.eos_id)  # EOS after every document
-        lengths += 1
-        is_val = _uniform(opts.seed, np.arange(docs_done, docs_done + len(texts))) < opts.val_fraction
+        flat, lengths = result
+        is_val = _uniform(opts.seed, np.arange(docs_done, docs_done + n_docs)) < opts.val_fraction
         token_is_val = np.repeat(is_val, lengths)
         for split, mask, tmask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
             if mask.any():
                 writer.add_batch(flat[tmask], lengths[mask], split)
         for owner, n in zip(owners, lengths.tolist()):
             owner.tokens += n
-        docs_done += len(texts)
-        tokens_done += int(lengths.sum())
+        docs_done += n_docs
+        tokens_done += flat.size
         progress.update(docs_done, tokens_done)
 
     # Which file each document of a batch came from, for the manifest's per-file token counts:
@@ -249,22 +282,31 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
                 cursor, seen = cursor + 1, 0
         return out
 
-    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-        pending = None
+    workers = opts.threads or os.cpu_count() or 1
+    pool = _worker_pool(workers, tok)
+    window: deque = deque()  # batches in flight, oldest first: results are written in input order
+    env_before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
         for texts in _batches(files, ropts, int(opts.batch_mb * 2**20)):
-            job = (texts, batch_owners(len(texts)), pool.submit(encode, texts))
-            if pending is not None:  # while the new batch encodes, store the previous one
-                write(pending[0], pending[1], pending[2].result())
-            pending = job
-        if pending is not None:
-            write(pending[0], pending[1], pending[2].result())
+            window.append((len(texts), batch_owners(len(texts)), pool.submit(_encode_batch, texts)))
+            if env_before is None and "TOKENIZERS_PARALLELISM" in os.environ:
+                del os.environ["TOKENIZERS_PARALLELISM"]  # the workers exist after the first submit
+            if len(window) > 2 * workers:  # bounded memory: at most 2 batches per worker in flight
+                n, owners, fut = window.popleft()
+                write(n, owners, fut.result())
+        while window:
+            n, owners, fut = window.popleft()
+            write(n, owners, fut.result())
+    finally:
+        if env_before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare(opts: PrepareOptions) -> dict:
     """Run the pipeline; returns meta.json's contents."""
     opts.validate()
-    if opts.threads:
-        os.environ["RAYON_NUM_THREADS"] = str(opts.threads)  # read when the tokenizer's pool starts
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output directory {out} is not empty; choose a new one or remove it")
