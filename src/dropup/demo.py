@@ -85,7 +85,8 @@ class _Clock:
 def _prepare_out(out: Path) -> None:
     """OUT is created, or replaced when it holds an earlier demo (never a directory of other files)."""
     if out.exists() and any(out.iterdir()):
-        if not (out / "results.json").exists() and not (out / ".dropup-demo").exists():
+        earlier = [out / ".dropup-demo", out / "results.json", out / "naive" / "upcycling.json"]  # the last: dropup <= 0.1's demo
+        if not any(p.exists() for p in earlier):
             raise UserError(f"{out} is not empty and holds no earlier demo; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
