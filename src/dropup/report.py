@@ -41,6 +41,7 @@ def plot(out_png: Path, results: dict, moe_runs: dict[str, Path], dense_run: Pat
 
     matplotlib.use("Agg")  # files only: no display on a server or in CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     dense = read_metrics(dense_run)
@@ -71,6 +72,8 @@ def plot(out_png: Path, results: dict, moe_runs: dict[str, Path], dense_run: Pat
     axes[2].set(title="MoE validation loss per domain (grey: dense)", xlabel="tokens after upcycling",
                 ylabel="loss")
     axes[2].legend(fontsize=7, ncol=2)
+    for a in axes:  # 0, 200k, 400k... rather than 1e6-offset or run-together tick labels
+        a.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
