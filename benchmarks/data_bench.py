@@ -63,7 +63,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=6.0, help="MB of text per domain")
     ap.add_argument("--vocab-size", type=int, default=16384)
-    ap.add_argument("--batch-mb", type=float, default=1.0, help="the pipeline's --batch-mb")
+    ap.add_argument("--batch-mb", type=float, default=4.0, help="the pipeline's --batch-mb")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
