@@ -209,6 +209,7 @@ def test_corpus_has_three_domains_and_is_deterministic(tmp_path):
     m2 = build_corpus(CorpusOptions(out=str(tmp_path / "c2"), max_mb=0.15))
     found = {d: m["docs"] for d, m in m1["domains"].items() if m["docs"] > 0}
     assert len(found) >= 3, m1["domains"]
+    assert {d: m["docs"] for d, m in m2["domains"].items() if m["docs"] > 0} == found
     for d in found:
         assert (tmp_path / "c1" / f"{d}.jsonl").read_bytes() == (tmp_path / "c2" / f"{d}.jsonl").read_bytes()
         texts = [json.loads(line)["text"] for line in (tmp_path / "c1" / f"{d}.jsonl").open()]

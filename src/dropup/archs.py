@@ -11,21 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dropup.config import ARCHITECTURES, DENSE_TYPES, MOE_TYPES
 from dropup.errors import UserError
 
-SOURCE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-TARGET_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SOURCE_TYPES = DENSE_TYPES
+TARGET_TYPES = MOE_TYPES
 # First entry is what `--target auto` picks.
 TARGETS_OF = {
     "llama": ("mixtral", "qwen3_moe"),
     "mistral": ("mixtral", "qwen3_moe"),
     "qwen2": ("qwen2_moe",),
     "qwen3": ("qwen3_moe",),
-}
-ARCHITECTURE_CLASS = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 _EXPERT_MATRIX = {  # dropup's matrix name -> the target's per-expert tensor name
     "mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
@@ -216,7 +212,7 @@ def moe_config(
     """The target's config.json: the source's settings (rope, eps, vocab, special tokens...) kept,
     the MoE fields set, and top-k weights renormalised so naive upcycling is exact."""
     cfg = {k: v for k, v in src_cfg.items() if k not in _DROP_KEYS}
-    cfg["architectures"] = [ARCHITECTURE_CLASS[target]]
+    cfg["architectures"] = [ARCHITECTURES[target]]
     cfg["model_type"] = target
     cfg["head_dim"] = shape.head_dim
     cfg["num_key_value_heads"] = shape.kv_heads

@@ -15,7 +15,7 @@ from dropup.errors import UserError
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
-_ARCHITECTURES = {
+ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -166,7 +166,7 @@ class ModelConfig:
         d: dict[str, Any] = dict(self.extra)
         d.update(
             model_type=mt,
-            architectures=[_ARCHITECTURES[mt]],
+            architectures=[ARCHITECTURES[mt]],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.moe_intermediate_size if mt == "mixtral" else self.intermediate_size,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import itertools
 import json
 import os
 import re

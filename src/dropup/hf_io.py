@@ -19,27 +19,25 @@ from pathlib import Path
 
 import torch
 
+from dropup import archs
+from dropup.checkpoint import DenseCheckpoint
 from dropup.config import ModelConfig
 from dropup.errors import UserError
 from dropup.model import CausalLM
 
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
-_MIXTRAL_W = {"gate": "w1", "up": "w3", "down": "w2"}
-# Tensors old checkpoints carry that the model recomputes.
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
 def hf_names(name: str, cfg: ModelConfig) -> str | list[str]:
-    """The checkpoint name(s) of one of the model's parameters: a list for stacked experts."""
+    """The checkpoint name(s) of one of the model's parameters: a list for stacked experts.
+    The Hub names themselves are defined once, in ``dropup.archs`` (the converter writes them)."""
     m = _EXPERT_PARAM.fullmatch(name)
     if not m:
         return name
-    block = f"model.layers.{m.group(1)}." + ("block_sparse_moe" if cfg.model_type == "mixtral" else "mlp")
+    layer = int(m.group(1))
     if m.group(2) == "router.weight":
-        return f"{block}.gate.weight"
-    proj = m.group(3)
-    leaf = _MIXTRAL_W[proj] if cfg.model_type == "mixtral" else f"{proj}_proj"
-    return [f"{block}.experts.{e}.{leaf}.weight" for e in range(cfg.num_experts)]
+        return archs.router_name(cfg.model_type, layer)
+    return [archs.expert_name(cfg.model_type, layer, e, m.group(3)) for e in range(cfg.num_experts)]
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -65,7 +63,7 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
     missing = sorted(needed - available)
     unexpected = sorted(
         k for k in available - needed
-        if not _IGNORED.fullmatch(k) and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+        if not (k == "lm_head.weight" and cfg.tie_word_embeddings)
     )  # fmt: skip
     if missing or unexpected:
         raise UserError(
@@ -78,32 +76,18 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
     return out
 
 
-class _SafetensorsDir:
-    """Lazy, name-addressed view of a (possibly sharded) safetensors checkpoint."""
+class _DeviceReader:
+    """Name-addressed, lazy view of a checkpoint that hands tensors out on ``device``; reading and
+    validation (sharded or single safetensors, truncated files named) are ``DenseCheckpoint``'s."""
 
-    def __init__(self, path: Path, device: str):
-        from safetensors import safe_open
-
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").exists():
-            files, weight_map = ["model.safetensors"], None
-        else:
-            raise UserError(
-                f"{path} has no model.safetensors or model.safetensors.index.json (dropup reads safetensors only)"
-            )
-        self._handles = {f: safe_open(str(path / f), framework="pt", device=device) for f in files}
-        if weight_map is None:
-            weight_map = {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
-        self._where = weight_map
+    def __init__(self, path: Path, device: torch.device):
+        self.ck, self.device = DenseCheckpoint(path, "checkpoint"), device
 
     def keys(self):
-        return self._where.keys()
+        return self.ck.tensors.keys()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        return self.ck.get(name).to(self.device)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -130,7 +114,7 @@ def load_model(
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = CausalLM(cfg)
-    reader = _SafetensorsDir(path, str(device))
+    reader = _DeviceReader(path, device)
     names = list(model.state_dict().keys())
     state = from_hf_state_dict(reader, cfg, names)
     if dtype is not None:
