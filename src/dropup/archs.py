@@ -75,6 +75,14 @@ class DenseShape:
             out["lm_head.weight"] = (self.vocab, h)
         return out
 
+    def all_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the dense checkpoint, FFN included, with its shape."""
+        out = self.non_ffn_tensors()
+        for layer in range(self.layers):
+            for m in ("gate", "up", "down"):
+                out[self.ffn_name(layer, m)] = self.ffn_shape(m)
+        return out
+
     def ffn_shape(self, matrix: str) -> tuple[int, int]:
         return (self.hidden, self.d_f) if matrix == "down" else (self.d_f, self.hidden)
 

@@ -45,11 +45,7 @@ def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16"
     config = dict(config, torch_dtype=dtype)
     shape = dense_shape(config)
     dt = DTYPE_NAMES[dtype]
-    names = dict(shape.non_ffn_tensors())
-    for layer in range(shape.layers):
-        for m in ("gate", "up", "down"):
-            names[shape.ffn_name(layer, m)] = shape.ffn_shape(m)
-    plan = [TensorSpec(dt, s, name=n) for n, s in names.items()]
+    plan = [TensorSpec(dt, s, name=n) for n, s in shape.all_tensors().items()]
     writer = ShardedWriter(out, plan, parse_size(max_shard_size))
     gen = torch.Generator().manual_seed(seed)
     for spec in plan:

@@ -149,8 +149,8 @@ class _Ctx:
 class _FFNCache:
     """Dense FFN matrices of the layers being worked on, loaded once however many experts use them.
 
-    Producers run in plan order with a small look-ahead, so only the current and the next layer
-    are ever needed; older layers are dropped to keep memory bounded.
+    Producers run in plan order with a small look-ahead, so when a layer is first asked for, the
+    older layers' entries (and their locks) are dropped to keep memory bounded.
     """
 
     def __init__(self, sources: list[DenseCheckpoint], shape: archs.DenseShape, checksums: dict):
@@ -177,8 +177,9 @@ class _FFNCache:
         with self._lock:
             # A producer of an older layer still running holds its own reference; one that
             # starts late re-reads the tensor (same bytes), so dropping them here is safe.
-            for k in [k for k in self._loaded if k[1] < layer]:
-                del self._loaded[k]
+            for k in [k for k in self._locks if k[1] < layer]:
+                self._loaded.pop(k, None)
+                del self._locks[k]
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in self._loaded:
@@ -187,11 +188,7 @@ class _FFNCache:
 
 
 def _check_source(ck: DenseCheckpoint, shape: archs.DenseShape, need_ffn: bool) -> None:
-    expected = dict(shape.non_ffn_tensors())
-    if need_ffn:
-        for layer in range(shape.layers):
-            for m in surgery.FFN_MATRICES:
-                expected[shape.ffn_name(layer, m)] = shape.ffn_shape(m)
+    expected = shape.all_tensors() if need_ffn else shape.non_ffn_tensors()
     for name, want in expected.items():
         info = ck.tensors.get(name)
         if info is None:
@@ -445,12 +442,7 @@ def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, op
     """
     threads = opts.threads or max(1, min(8, os.cpu_count() or 1))
     window = 2 * threads
-    _stream(plan, writer, buffers, threads, window, opts.progress)
-
-
-def _stream(plan, writer: ShardedWriter, buffers: _BufferPool, threads: int, window: int,
-            progress: bool) -> None:
-    with _progress(progress and sys.stderr.isatty()) as bar, \
+    with _progress(opts.progress and sys.stderr.isatty()) as bar, \
             ThreadPoolExecutor(threads, thread_name_prefix="dropup-upcycle") as pool:
         task = bar.add_task("upcycle", total=writer.total_bytes)
         pending: deque = deque()

@@ -14,8 +14,7 @@ import torch
 
 from dropup.errors import UserError
 
-VOCAB_SAMPLE = 2  # batch
-SEQ = 32
+BATCH, SEQ = 2, 32  # random tokens the logits are compared on
 
 
 def _load(path: Path):
@@ -54,7 +53,7 @@ def verify(src: Path, out: Path, provenance: dict | None = None, seed: int = 0) 
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
         raise UserError(f"verify: transformers did not load {out} cleanly ({detail})")
     vocab = moe.config.vocab_size
-    tokens = torch.randint(0, vocab, (VOCAB_SAMPLE, SEQ), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         moe_logits = moe(tokens).logits
     report = {"loaded_cleanly": True, "logits_finite": bool(torch.isfinite(moe_logits).all())}
