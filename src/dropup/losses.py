@@ -168,6 +168,12 @@ def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
 
 
+def _token_entropy(router_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each token's routing distribution, [N]."""
+    logp = router_logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> dict[str, torch.Tensor]:
     """Per-layer diagnostics for logging: load fractions [L, E] (sum to 1), max/min load ratio
     [L] (inf when an expert got nothing) and mean router entropy in nats [L]."""
@@ -176,7 +182,7 @@ def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: i
         load = counts / counts.sum(-1, keepdim=True)
         ratio = load.max(-1).values / load.min(-1).values
         entropy = torch.stack(
-            [-(r.float().softmax(-1) * r.float().log_softmax(-1)).sum(-1).mean() for r in router_logits]
+            [_token_entropy(r).mean() for r in router_logits]
         )
     return {"load": load, "max_min_ratio": ratio, "entropy": entropy}
 
@@ -218,8 +224,7 @@ class RouterStats:
     def add(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> None:
         with torch.no_grad():
             counts = expert_counts(router_logits, top_k, num_experts)
-            ent = torch.stack([-(r.float().softmax(-1) * r.float().log_softmax(-1)).sum(-1).sum()
-                               for r in router_logits])
+            ent = torch.stack([_token_entropy(r).sum() for r in router_logits])
         self.counts = counts if self.counts is None else self.counts + counts
         self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
         self.tokens += router_logits[0].shape[0]
