@@ -318,3 +318,21 @@ def test_moment_statistics_equal_direct_statistics(dtype, matrix):
         rel = 1e-12 if dtype == torch.float32 else 1e-6
         assert fast.mean == pytest.approx(direct.mean, rel=rel)
         assert fast.std == pytest.approx(direct.std, rel=rel)
+
+
+def test_outputs_do_not_depend_on_a_c_compiler(wide_llama, tmp_path):
+    """The numpy path of the sampler (machines without ``cc``) writes the very same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for label, extra in (("default", {}), ("numpy", {"DROPUP_GAUSS": "numpy"})):
+        out = tmp_path / label
+        code = ("import sys, dropup; dropup.upcycle(sys.argv[1], sys.argv[2], num_experts=4, "
+                "method=sys.argv[3], progress=False)")
+        for method in ("drop", "noise", "scratch"):
+            subprocess.run([sys.executable, "-c", code, str(wide_llama), str(out / method), method],
+                           check=True, env={**os.environ, **extra})
+        outs[label] = {m: _digest(out / m) for m in ("drop", "noise", "scratch")}
+    assert outs["default"] == outs["numpy"]

@@ -187,6 +187,13 @@ class DenseCheckpoint:
 # ---------------------------------------------------------------------------------------------
 # Writing
 
+# Direct I/O needs file offsets, lengths and memory addresses on this boundary; a page also keeps
+# buffered and direct writes from ever sharing a page-cache page.
+try:
+    ALIGN = max(4096, os.sysconf("SC_PAGE_SIZE"))
+except (AttributeError, ValueError, OSError):
+    ALIGN = 4096
+
 
 @dataclass(frozen=True)
 class TensorSpec(_Sized):
@@ -230,7 +237,7 @@ def split_shards(plan: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec
     return shards
 
 
-def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str], align: int = 8) -> bytes:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for spec in specs:
@@ -240,8 +247,80 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
         }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
+    # Trailing spaces are valid JSON; they put the data section on an ``align`` boundary
+    # (8 for the format, a page for direct I/O).
+    raw += b" " * (-(8 + len(raw)) % align)
     return struct.pack("<Q", len(raw)) + raw
+
+
+class _OutFile:
+    """One output file written front to back, bulk data through ``O_DIRECT`` where possible.
+
+    Buffered writes of a multi-gigabyte checkpoint spend as much CPU copying into the page cache as
+    the conversion spends computing (measured: 35% of all CPU time of 1.5B -> 8x1.5B on 2 cores).
+    Direct writes hand the tensor's own pages to the device. Only whole aligned blocks go direct;
+    a tensor's unaligned head and tail (and tensors whose memory is not aligned like their file
+    offset) go through a second, buffered descriptor, so every block is written by one path only.
+    Filesystems without direct I/O (tmpfs, some network filesystems) get buffered writes.
+    """
+
+    def __init__(self, path: Path, direct: bool):
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.dfd = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.dfd = os.open(path, flags | os.O_DIRECT)
+            except OSError:
+                self.dfd = None
+        self.pos = 0
+
+    def write(self, data: memoryview, address: int | None = None) -> None:
+        """Append ``data``; ``address`` is where it lives in memory (None: buffered only)."""
+        n, pos = len(data), self.pos
+        if (self.dfd is not None and address is not None and n >= 2 * ALIGN
+                and (address - pos) % ALIGN == 0):
+            head = -pos % ALIGN
+            body = (n - head) // ALIGN * ALIGN
+            _pwrite_all(self.fd, data[:head], pos)
+            try:
+                _pwrite_all(self.dfd, data[head:head + body], pos + head)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self.dfd)  # refused after all (e.g. a larger device block): buffered
+                self.dfd = None
+                _pwrite_all(self.fd, data[head:head + body], pos + head)
+            _pwrite_all(self.fd, data[head + body:], pos + head + body)
+        else:
+            _pwrite_all(self.fd, data, pos)
+        self.pos += n
+
+    def close(self) -> None:
+        for fd in (self.dfd, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.dfd = self.fd = None
+
+
+def placed(raw: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
+    """A ``shape``/``dtype`` view of the uint8 tensor ``raw`` (``ALIGN`` bytes larger than
+    needed) whose address is ``phase`` modulo ``ALIGN``."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    start = (phase - raw.data_ptr()) % ALIGN
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
+    """An uninitialised tensor placed for direct I/O at file offset phase ``phase``."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return placed(torch.empty(nbytes + ALIGN, dtype=torch.uint8), shape, dtype, phase)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, pos)
+        data, pos = data[done:], pos + done
 
 
 class ShardedWriter:
@@ -251,8 +330,10 @@ class ShardedWriter:
     with ``model.safetensors.index.json``, the names ``save_pretrained`` uses.
     """
 
-    def __init__(self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int):
+    def __init__(self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int,
+                 direct: bool = True):
         self.out_dir = out_dir
+        self.direct = direct
         self.shards = split_shards(plan, max_shard_bytes)
         n = len(self.shards)
         self.files = (["model.safetensors"] if n == 1 else
@@ -260,8 +341,16 @@ class ShardedWriter:
         self._queue: Iterator[tuple[int, TensorSpec]] = iter(
             (i, s) for i, shard in enumerate(self.shards) for s in shard)
         self._shard = -1
-        self._fh = None
+        self._fh: _OutFile | None = None
         self.total_bytes = sum(s.nbytes for s in plan)
+        # Headers are padded to a page, so a tensor's file offset modulo ALIGN is known now:
+        # producers place their buffers at that phase and the whole tensor can go direct.
+        self.phase: dict[str, int] = {}
+        for shard in self.shards:
+            offset = 0
+            for spec in shard:
+                self.phase[spec.name] = offset % ALIGN
+                offset += spec.nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, spec = next(self._queue)
@@ -270,14 +359,16 @@ class ShardedWriter:
                                f"plan says {spec}")
         if shard != self._shard:
             self._open(shard)
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        tensor = tensor.contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data), tensor.data_ptr())
 
     def _open(self, shard: int) -> None:
         self._close_file()
         self._shard = shard
-        self._fh = open(self.out_dir / self.files[shard], "wb", buffering=0)
-        self._fh.write(_header_bytes(self.shards[shard], {"format": "pt"}))
+        self._fh = _OutFile(self.out_dir / self.files[shard], self.direct)
+        header = _header_bytes(self.shards[shard], {"format": "pt"}, ALIGN)
+        self._fh.write(memoryview(header))
 
     def _close_file(self) -> None:
         if self._fh is not None:

@@ -1,8 +1,10 @@
 """Weight surgery for MoE construction: pure functions, tensors in, tensors out.
 
-Nothing here touches files. Every random draw takes an explicit ``torch.Generator`` that the caller
-seeds from ``derive_seed`` so a tensor's value depends only on (seed, layer, expert, matrix), never
-on the order in which tensors are produced or on how the output is sharded.
+Nothing here touches files. Every random draw comes from an explicit stream: a ``torch.Generator``
+seeded from ``derive_seed`` (index sets, uniform routers) or a ``derive_seed`` key of the
+counter-based sampler in ``gauss`` (Gaussian values), so a tensor's value depends only on (seed,
+layer, expert, matrix), never on the order in which tensors are produced or on how the output is
+sharded.
 
 Layout convention (PyTorch ``nn.Linear``): gate and up are ``[d_f, d_h]`` and their intermediate
 neurons are rows; down is ``[d_h, d_f]`` and its intermediate neurons are columns.
@@ -15,6 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from dropup.gauss import gaussian
 
 FFN_MATRICES = ("gate", "up", "down")
 # The axis of each FFN matrix that indexes intermediate neurons.
@@ -116,22 +120,33 @@ class NeuronMoments:
 
 
 def neuron_moments(dense: torch.Tensor, matrix: str, block: int = 256) -> NeuronMoments:
-    """Per-neuron sums, a block of neurons at a time: matrix-vector products (BLAS) run at memory
-    speed, and block-sized temporaries avoid touching fresh memory for a whole widened copy."""
+    """Per-neuron sums, a block of rows at a time: matrix-vector products (BLAS) run at memory
+    speed, and block-sized temporaries avoid touching fresh memory for a whole widened copy.
+
+    Blocks are always rows of the stored matrix (contiguous); for down, whose neurons are
+    columns, the product runs with the block transposed instead of gathering strided columns.
+    """
     wide = torch.float64 if dense.dtype in (torch.float32, torch.float64) else torch.float32
-    x = dense.t() if NEURON_AXIS[matrix] == 1 else dense  # [neurons, per_neuron]
-    n, per = x.shape
-    ones = torch.ones(per, dtype=wide)
-    sums = torch.empty(n, dtype=wide)
-    sumsq = torch.empty(n, dtype=wide)
-    buf = torch.empty(min(block, n), per, dtype=wide)
-    for start in range(0, n, block):
-        rows = buf[: min(block, n - start)]
-        rows.copy_(x[start:start + block])
-        torch.mv(rows, ones, out=sums[start:start + block])
-        rows.mul_(rows)
-        torch.mv(rows, ones, out=sumsq[start:start + block])
-    return NeuronMoments(sums.double(), sumsq.double(), per)
+    by_rows = NEURON_AXIS[matrix] == 0
+    rows_total, cols = dense.shape
+    n, per = (rows_total, cols) if by_rows else (cols, rows_total)
+    sums = torch.zeros(n, dtype=torch.float64)
+    sumsq = torch.zeros(n, dtype=torch.float64)
+    ones = torch.ones(cols if by_rows else block, dtype=wide)
+    buf = torch.empty(min(block, rows_total), cols, dtype=wide)
+    part = torch.empty(n if not by_rows else min(block, rows_total), dtype=wide)
+    for start in range(0, rows_total, block):
+        rows = buf[: min(block, rows_total - start)]
+        rows.copy_(dense[start:start + block])
+        k = rows.shape[0]
+        for acc, square in ((sums, False), (sumsq, True)):
+            if square:
+                rows.mul_(rows)
+            if by_rows:
+                acc[start:start + k] = torch.mv(rows, ones, out=part[:k])
+            else:
+                acc += torch.mv(rows.t(), ones[:k], out=part)
+    return NeuronMoments(sums, sumsq, per)
 
 
 def stats_from_moments(mom: NeuronMoments, idx: torch.Tensor | None) -> ReinitStats:
@@ -146,11 +161,12 @@ def stats_from_moments(mom: NeuronMoments, idx: torch.Tensor | None) -> ReinitSt
     return ReinitStats(mean, math.sqrt(var))
 
 
-def _normal(shape: tuple[int, ...], mean: float, std: float, gen: torch.Generator,
-            scratch: Scratch | None = None) -> torch.Tensor:
-    out = (scratch.get("normal", shape, torch.float32) if scratch is not None
-           else torch.empty(shape, dtype=torch.float32))
-    return out.normal_(mean, std, generator=gen)
+def _normal(shape: tuple[int, ...], mean: float, std: float, key: int,
+            scratch: Scratch | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(mean, std^2) values of stream ``key``; in ``dtype`` they are the float32 values rounded
+    to nearest, so asking for bfloat16 directly only saves a pass."""
+    out = scratch.get("normal", shape, dtype) if scratch is not None else None
+    return gaussian(shape, mean, std, key, dtype, out=out)
 
 
 def _neuron_shape(dense: torch.Tensor, matrix: str, n: int) -> tuple[int, ...]:
@@ -160,23 +176,29 @@ def _neuron_shape(dense: torch.Tensor, matrix: str, n: int) -> tuple[int, ...]:
 
 
 def drop_reinit(
-    dense: torch.Tensor, matrix: str, idx: torch.Tensor, stats: ReinitStats, gen: torch.Generator,
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, stats: ReinitStats, key: int,
     out: torch.Tensor | None = None, scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """Drop-Upcycling step 2: neurons ``idx`` re-drawn i.i.d. from N(mean, std^2), the rest kept."""
-    values = _normal(_neuron_shape(dense, matrix, idx.numel()), stats.mean, stats.std, gen, scratch)
+    """Drop-Upcycling step 2: neurons ``idx`` re-drawn i.i.d. from N(mean, std^2), the rest kept.
+
+    ``key`` names the random stream (``derive_seed``). The values are drawn as float32 and
+    rounded once to the result's dtype.
+    """
+    dtype = out.dtype if out is not None and out.dtype == torch.bfloat16 else torch.float32
+    values = _normal(_neuron_shape(dense, matrix, idx.numel()), stats.mean, stats.std, key,
+                     scratch, dtype)
     return put_neurons(dense, matrix, idx, _cast(values, out, scratch), out)
 
 
 def add_noise(
-    dense: torch.Tensor, matrix: str, idx: torch.Tensor, std: float, gen: torch.Generator,
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, std: float, key: int,
     out: torch.Tensor | None = None, scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Random Noise Upcycling: N(0, std^2) added (not substituted) to neurons ``idx``.
 
     The sum is formed in float32 and rounded once to the storage dtype.
     """
-    noise = _normal(_neuron_shape(dense, matrix, idx.numel()), 0.0, std, gen, scratch)
+    noise = _normal(_neuron_shape(dense, matrix, idx.numel()), 0.0, std, key, scratch)
     noise += take_neurons(dense, matrix, idx)
     return put_neurons(dense, matrix, idx, _cast(noise, out, scratch), out)
 
@@ -188,9 +210,7 @@ def _cast(values: torch.Tensor, out: torch.Tensor | None, scratch: Scratch | Non
     return scratch.get("cast", tuple(values.shape), out.dtype).copy_(values)
 
 
-def router_weight(
-    num_experts: int, hidden: int, init: str, std: float, gen: torch.Generator
-) -> torch.Tensor:
+def router_weight(num_experts: int, hidden: int, init: str, std: float, key: int) -> torch.Tensor:
     """A fresh router [E, d_h] (float32; the caller casts to the output dtype).
 
     ``uniform`` is the authors' choice: zero-mean uniform with standard deviation ``std``, i.e.
@@ -198,18 +218,21 @@ def router_weight(
     """
     shape = (num_experts, hidden)
     if init == "uniform":
+        gen = torch.Generator(device="cpu").manual_seed(key)
         u = torch.rand(shape, generator=gen, dtype=torch.float32)
         return (u - 0.5) * (std * math.sqrt(12.0))
     if init == "normal":
-        return _normal(shape, 0.0, std, gen)
+        return _normal(shape, 0.0, std, key)
     if init == "zeros":
         return torch.zeros(shape, dtype=torch.float32)
     raise ValueError(f"unknown router init {init!r}")
 
 
-def scratch_weight(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
-    """From-scratch initialisation of a weight matrix: N(0, std^2) in float32."""
-    return _normal(shape, 0.0, std, gen)
+def scratch_weight(shape: tuple[int, ...], std: float, key: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """From-scratch initialisation of a weight matrix: N(0, std^2), drawn in float32 and rounded
+    once to ``dtype``."""
+    return gaussian(tuple(shape), 0.0, std, key, dtype)
 
 
 def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -32,10 +33,13 @@ import torch
 
 from dropup import archs, surgery
 from dropup.checkpoint import (
+    ALIGN,
     DTYPE_NAMES,
     DenseCheckpoint,
     ShardedWriter,
     TensorSpec,
+    aligned_empty,
+    placed,
     atomic_output_dir,
     check_free_space,
     parse_size,
@@ -98,27 +102,29 @@ class _BufferPool:
 
     Gigabytes of expert weights stream through a handful of buffers; allocating each one fresh
     costs a page fault per 4 KiB and fragments the allocator (more system time and RSS than the
-    arithmetic itself).
+    arithmetic itself). Each buffer is placed at the address phase (modulo ``ALIGN``) of its
+    tensor's file offset, which is what lets the writer send it to disk with direct I/O.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._ours: set[int] = set()
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._raw: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its storage
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
-            t = torch.empty(shape, dtype=dtype)
-            self._ours.add(t.data_ptr())
-            return t
+            free = self._free.get(nbytes)
+            raw = free.pop() if free else torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            view = placed(raw, shape, dtype, phase)
+            self._raw[view.data_ptr()] = raw
+            return view
 
     def give(self, t: torch.Tensor) -> None:
         with self._lock:
-            if t.data_ptr() in self._ours:
-                self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+            raw = self._raw.pop(t.data_ptr(), None)
+            if raw is not None:
+                self._free.setdefault(raw.numel() - ALIGN, []).append(raw)
 
 
 @dataclass
@@ -132,6 +138,7 @@ class _Ctx:
     sources: list[DenseCheckpoint]
     record: dict  # provenance, filled by producers
     buffers: _BufferPool = field(default_factory=_BufferPool)
+    phase: dict[str, int] = field(default_factory=dict)  # the writer's, set once it exists
     _local: threading.local = field(default_factory=threading.local)
 
     def scratch(self) -> surgery.Scratch:
@@ -139,11 +146,16 @@ class _Ctx:
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
 
-    def cast(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in the output dtype: itself when it already is, else a pooled copy."""
-        if t.dtype == self.out_dtype:
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A pooled output buffer for tensor ``name``, placed for direct I/O."""
+        return self.buffers.take(tuple(shape), self.out_dtype, self.phase.get(name, 0))
+
+    def cast(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """Expert ``name`` copied from ``t``: ``t`` itself when its dtype and placement already
+        suit the writer, else a pooled copy (a memcpy here costs less than a buffered write)."""
+        if t.dtype == self.out_dtype and (t.data_ptr() - self.phase.get(name, 0)) % ALIGN == 0:
             return t
-        return self.buffers.take(tuple(t.shape), self.out_dtype).copy_(t)
+        return self.take(name, tuple(t.shape)).copy_(t)
 
 
 class _FFNCache:
@@ -153,8 +165,12 @@ class _FFNCache:
     older layers' entries (and their locks) are dropped to keep memory bounded.
     """
 
-    def __init__(self, sources: list[DenseCheckpoint], shape: archs.DenseShape, checksums: dict):
+    def __init__(self, sources: list[DenseCheckpoint], shape: archs.DenseShape, checksums: dict,
+                 page_aligned: bool = False):
         self.sources, self.shape, self.checksums = sources, shape, checksums
+        # Experts that are plain copies (naive, btx) are written straight from these tensors,
+        # which direct I/O can do only from page-aligned memory.
+        self.page_aligned = page_aligned
         self._lock = threading.Lock()
         self._loaded: dict[tuple, object] = {}
         self._locks: dict[tuple, threading.Lock] = {}
@@ -170,6 +186,8 @@ class _FFNCache:
         ck, name = self.sources[source], self.shape.ffn_name(layer, matrix)
         tensor = ck.get(name)
         self.checksums[(str(ck.path), name)] = _checksum(tensor)
+        if self.page_aligned:
+            tensor = aligned_empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
         return tensor
 
     def _once(self, key: tuple, make: Callable):
@@ -218,29 +236,30 @@ def _index_sets(ctx: _Ctx, layer: int, expert: int) -> dict[str, torch.Tensor]:
 
 def _expert_producer(ctx: _Ctx, cache: _FFNCache, layer: int, expert: int, matrix: str) -> Callable:
     o = ctx.opts
+    name = archs.expert_name(ctx.target, layer, expert, matrix)
 
     def produce() -> torch.Tensor:
         if o.method == "scratch":
             shape = ctx.shape.ffn_shape(matrix)
-            gen = surgery.generator(o.seed, "scratch", layer, expert, matrix)
-            return surgery.scratch_weight(shape, o.init_std, gen).to(ctx.out_dtype)
+            key = surgery.derive_seed(o.seed, "scratch", layer, expert, matrix)
+            return surgery.scratch_weight(shape, o.init_std, key, ctx.out_dtype)
         if o.method == "btx":
             src = surgery.btx_source_of_expert(expert, o.num_experts, len(ctx.sources))
-            return ctx.cast(cache.get(src, layer, matrix))
+            return ctx.cast(cache.get(src, layer, matrix), name)
         dense = cache.get(0, layer, matrix)
         if o.method == "naive" or o.ratio == 0.0:
-            return ctx.cast(dense)
+            return ctx.cast(dense, name)
         idx = _index_sets(ctx, layer, expert)[matrix]
-        gen = surgery.generator(o.seed, "values", layer, expert, matrix)
-        out = ctx.buffers.take(tuple(dense.shape), ctx.out_dtype)
+        key = surgery.derive_seed(o.seed, "values", layer, expert, matrix)
+        out = ctx.take(name, tuple(dense.shape))
         entry = {"reinit_fraction": idx.numel() / ctx.shape.d_f}
         if o.method == "drop":
             moments = cache.moments(0, layer, matrix)
             stats = surgery.stats_from_moments(moments, idx if o.reinit_stats == "slice" else None)
-            surgery.drop_reinit(dense, matrix, idx, stats, gen, out=out, scratch=ctx.scratch())
+            surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
             entry.update(mean=stats.mean, std=stats.std)
         else:  # noise
-            surgery.add_noise(dense, matrix, idx, o.noise_std, gen, out=out, scratch=ctx.scratch())
+            surgery.add_noise(dense, matrix, idx, o.noise_std, key, out=out, scratch=ctx.scratch())
             entry.update(noise_std=o.noise_std)
         ctx.record["experts"][(layer, expert)][matrix] = entry
         return out
@@ -255,11 +274,13 @@ def _copy_producer(ctx: _Ctx, name: str, shape: tuple[int, ...], checksums: dict
                 return torch.ones(shape, dtype=ctx.out_dtype)
             if name.endswith(".bias"):
                 return torch.zeros(shape, dtype=ctx.out_dtype)
-            gen = surgery.generator(ctx.opts.seed, "scratch", name)
-            return surgery.scratch_weight(shape, ctx.opts.init_std, gen).to(ctx.out_dtype)
+            key = surgery.derive_seed(ctx.opts.seed, "scratch", name)
+            return surgery.scratch_weight(shape, ctx.opts.init_std, key, ctx.out_dtype)
         tensors = [s.get(name) for s in ctx.sources]
         for s, t in zip(ctx.sources, tensors):
             checksums[(str(s.path), name)] = _checksum(t)
+        # Written as they come (buffered when misaligned): a page-aligned copy of an embedding
+        # would double its memory for a gain of well under a second.
         if len(tensors) == 1:
             return tensors[0].to(ctx.out_dtype)
         return surgery.mean_of(tensors).to(ctx.out_dtype)
@@ -298,10 +319,10 @@ def _plan(ctx: _Ctx, cache: _FFNCache, checksums: dict) -> list[tuple[TensorSpec
         if archs.adds_qk_norm(shape, target):
             for name in archs.qk_norm_names(layer):
                 add(name, (shape.head_dim,), const((shape.head_dim,), 1.0))
-        gen_router = surgery.generator(o.seed, "router", layer)
+        router_key = surgery.derive_seed(o.seed, "router", layer)
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
-            lambda g=gen_router: surgery.router_weight(
-                o.num_experts, shape.hidden, o.router_init, o.router_std, g).to(dt))
+            lambda k=router_key: surgery.router_weight(
+                o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
         for expert in range(o.num_experts):
             for m in surgery.FFN_MATRICES:
                 add(archs.expert_name(target, layer, expert, m), shape.ffn_shape(m),
@@ -325,8 +346,8 @@ def _add_shared_expert(ctx: _Ctx, cache: _FFNCache, layer: int, names: dict, add
     o, shape, dt = ctx.opts, ctx.shape, ctx.out_dtype
     for m in ("gate", "up"):
         if o.method == "scratch":
-            gen = surgery.generator(o.seed, "scratch", layer, "shared", m)
-            fn = (lambda s=shape.ffn_shape(m), g=gen: surgery.scratch_weight(s, o.init_std, g).to(dt))
+            key = surgery.derive_seed(o.seed, "scratch", layer, "shared", m)
+            fn = (lambda s=shape.ffn_shape(m), k=key: surgery.scratch_weight(s, o.init_std, k, dt))
         else:
             fn = (lambda m=m: surgery.mean_of(
                 [cache.get(i, layer, m) for i in range(len(ctx.sources))]).to(dt))
@@ -408,12 +429,14 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
                                 for e in range(opts.num_experts)}}
     ctx = _Ctx(opts, shape, target, out_dtype, sources, record)
     checksums: dict = {}
-    cache = _FFNCache(sources, shape, checksums)
+    copies = opts.method in ("naive", "btx") or (opts.method != "scratch" and opts.ratio == 0.0)
+    cache = _FFNCache(sources, shape, checksums, page_aligned=copies)
     plan = _plan(ctx, cache, checksums)
     total = sum(spec.nbytes for spec, _ in plan)
     with atomic_output_dir(out, opts.overwrite) as tmp:
         check_free_space(out, total + (64 << 20))
         writer = ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size))
+        ctx.phase = writer.phase
         try:
             _run_plan(plan, writer, opts, ctx.buffers)
             writer.close()
