@@ -123,10 +123,14 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [batch, heads, seq, head_dim]; HF's layout pairs dimension i with i + head_dim / 2.
+    # cos/sin are rounded to x's dtype as in transformers, but the products and the sum are formed
+    # in fp32 and rounded once: that is what a torch.compile'd layer computes, so eager and
+    # compiled runs of a bf16 model agree (and it is the more accurate of the two).
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotated * sin
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    cos, sin = cos[:, None].to(x.dtype).float(), sin[:, None].to(x.dtype).float()
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -174,7 +178,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up formed in fp32 and rounded once to the inputs' dtype (see apply_rope)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 class Experts(nn.Module):
@@ -224,7 +233,8 @@ class MoE(nn.Module):
         logits, weights, ids = self.route(x)
         out = self.run_experts(x, weights, ids)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            gate = torch.sigmoid(self.shared_expert_gate(x).float())
+            out = (out.float() + gate * self.shared_expert(x).float()).to(out.dtype)
         return out.reshape(shape), logits
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -249,12 +259,12 @@ class MoE(nn.Module):
             xs = xs.to(dtype)
             gate = _grouped_mm(xs, w.gate_proj.to(dtype), offs)
             up = _grouped_mm(xs, w.up_proj.to(dtype), offs)
-            ys = _grouped_mm(F.silu(gate) * up, w.down_proj.to(dtype), offs)
+            ys = _grouped_mm(swiglu(gate, up), w.down_proj.to(dtype), offs)
         else:
             # Reference path: one matmul per expert. counts.tolist() syncs, fine off the hot path.
             outs = []
             for i, c in enumerate(xs.to(dtype).split(counts.tolist())):
-                h = F.silu(F.linear(c, w.gate_proj[i].to(dtype))) * F.linear(c, w.up_proj[i].to(dtype))
+                h = swiglu(F.linear(c, w.gate_proj[i].to(dtype)), F.linear(c, w.up_proj[i].to(dtype)))
                 outs.append(F.linear(h, w.down_proj[i].to(dtype)))
             ys = torch.cat(outs)
         # Back to (token, slot) order, weight in fp32, sum the k slots. A gather plus a sum instead
