@@ -35,10 +35,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (a bf16 mean of squares loses too much), scale in the input dtype.
+        # Normalise and scale in fp32 (a bf16 mean of squares loses too much), round once to the
+        # input's dtype. transformers rounds before scaling too; a compiled layer skips that
+        # rounding, so rounding once is what keeps eager and compiled runs in agreement.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.weight * xf).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -123,14 +125,14 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [batch, heads, seq, head_dim]; HF's layout pairs dimension i with i + head_dim / 2.
-    # cos/sin are rounded to x's dtype as in transformers, but the products and the sum are formed
-    # in fp32 and rounded once: that is what a torch.compile'd layer computes, so eager and
-    # compiled runs of a bf16 model agree (and it is the more accurate of the two).
+    # Everything in fp32 (cos/sin too, which transformers rounds to x's dtype first), rounded once
+    # at the end. A torch.compile'd layer drops roundings that are undone within one fused kernel,
+    # so this is what it computes anyway: eager and compiled bf16 runs agree, and it is the more
+    # accurate of the two.
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    cos, sin = cos[:, None].to(x.dtype).float(), sin[:, None].to(x.dtype).float()
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return (xf * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -234,7 +236,7 @@ class MoE(nn.Module):
         out = self.run_experts(x, weights, ids)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x).float())
-            out = (out.float() + gate * self.shared_expert(x).float()).to(out.dtype)
+            out = (out.float() + gate * self.shared_expert(x).float()).to(x.dtype)
         return out.reshape(shape), logits
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -268,11 +270,13 @@ class MoE(nn.Module):
                 outs.append(F.linear(h, w.down_proj[i].to(dtype)))
             ys = torch.cat(outs)
         # Back to (token, slot) order, weight in fp32, sum the k slots. A gather plus a sum instead
-        # of index_add_ keeps the result deterministic on CUDA.
+        # of index_add_ keeps the result deterministic on CUDA. The sum is returned in the input's
+        # dtype (fp32 under autocast, where the residual stream is fp32): rounding it to bf16 only
+        # to add it to an fp32 residual is a rounding a compiled layer would skip.
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         ys = ys[inverse].view(n, k, -1)
         out = (ys.float() * weights[..., None]).sum(dim=1)
-        return out.to(ys.dtype)
+        return out.to(x.dtype)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
