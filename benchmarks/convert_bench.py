@@ -15,9 +15,11 @@ For each size (the paper's dense shapes, see ``dropup.synthetic.PAPER_SHAPES``):
    more than the 24 GB of this machine (issue 2: killed for memory at layer 8 of 24);
 4. ``cp``: ``cp -r --reflink=never`` of dropup's output directory (same bytes, real data), after
    reading that directory once (untimed) so cp's reads come from the page cache: dropup writes
-   with direct I/O, which leaves nothing of its output cached.
+   with direct I/O, which leaves nothing of its output cached;
+5. ``dd``: ``dd if=/dev/zero bs=8M oflag=direct`` of the same byte count: the disk's own speed
+   for writes that bypass the page cache, as dropup's do (for information, no target).
 
-Contenders run in this fixed order: dropup, in-memory, cp. The page cache cannot be dropped
+Contenders run in this fixed order: dropup, in-memory, cp, dd. The page cache cannot be dropped
 without root, so the source checkpoint is warm in the page cache for every contender (it was just
 written), and cp reads dropup's output after it was read once into the page cache. Before each
 contender the benchmark calls sync() (untimed) so one contender's dirty pages are not flushed on
@@ -319,7 +321,7 @@ def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
     log(f"[{size}] dense checkpoint: {dir_bytes(src) / GB:.2f} GB in {time.perf_counter() - t0:.1f} s")
 
     me = [python, str(Path(__file__).resolve()), "_child"]
-    runs: dict[str, list[dict]] = {"dropup": [], "peer": [], "cp": []}
+    runs: dict[str, list[dict]] = {"dropup": [], "peer": [], "cp": [], "dd": []}
     for rep in range(repeat):
         tag = f"[{size}]" + (f" run {rep + 1}/{repeat}" if repeat > 1 else "")
         shutil.rmtree(out, ignore_errors=True)
@@ -346,11 +348,21 @@ def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
         runs["cp"].append(r)
         log(f"{tag} cp: {r['wall_s']:.1f} s")
         shutil.rmtree(cp_out, ignore_errors=True)
+
+        # the disk's own speed for the same bytes, written the way dropup writes (direct I/O)
+        nbytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        dd_out = root / f"{size}-dd.bin"
+        r = run_measured(["dd", "if=/dev/zero", f"of={dd_out}", "bs=8M", "oflag=direct",
+                          f"count={-(-nbytes // (8 << 20))}", "status=none"], "dd")
+        r["out_gb"] = dd_out.stat().st_size / GB
+        runs["dd"].append(r)
+        log(f"{tag} dd oflag=direct: {r['wall_s']:.1f} s")
+        dd_out.unlink()
     notes.append(f"{size}: load average after: {loadavg()}")
-    r_drop, r_cp = _combine(runs["dropup"]), _combine(runs["cp"])
+    r_drop, r_cp, r_dd = _combine(runs["dropup"]), _combine(runs["cp"]), _combine(runs["dd"])
     r_peer = _combine(runs["peer"]) if runs["peer"] else None
     if repeat > 1:
-        for name, r in (("dropup", r_drop), ("in-memory", r_peer), ("cp", r_cp)):
+        for name, r in (("dropup", r_drop), ("in-memory", r_peer), ("cp", r_cp), ("dd", r_dd)):
             if r:
                 notes.append(f"{size}: {name} wall s per run: " + ", ".join(f"{w:.2f}" for w in r["walls"]))
     for name, r in (("dropup", r_drop), ("in-memory", r_peer)):
@@ -380,6 +392,9 @@ def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
         rows.append([size, "in-memory (transformers)", "not run: needs > 24 GB", "-", "-", "-", "-",
                      "-", "-", "-"])
     rows.append(row("cp -r (same bytes)", r_cp, "-", "1.00x"))
+    rows.append(row("dd oflag=direct (same bytes)", r_dd, "-", f"{r_dd['wall_s'] / r_cp['wall_s']:.2f}x"))
+    notes.append(f"{size}: dropup takes {r_drop['wall_s'] / r_dd['wall_s']:.2f}x the time of writing "
+                 "the same bytes of zeros with direct I/O (dd bs=8M oflag=direct: the disk's speed)")
 
     checks = []
     lim = RSS_LIMIT_GB[size]
@@ -546,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- dropup source: git {rev} (at start)\n"
             f"- repeats: {max(1, args.repeat)} (times are medians, peak RSS the max over repeats)\n"
             "- conditions: source checkpoint warm in the page cache for all contenders (just written, "
-            "caches cannot be dropped without root); contenders run in the order dropup, in-memory, cp; "
+            "caches cannot be dropped without root); contenders run in the order dropup, in-memory, cp, dd; "
             "sync() before each contender untimed; `flush s` = sync() right after it, not in `wall s`; "
             "`wall s` includes interpreter start and imports, `work s` is the conversion call only; "
             "peak RSS = child's VmHWM (own high-water mark), anon/file split polled from /proc/PID/status; cp reads dropup's "
