@@ -193,6 +193,7 @@ try:
     ALIGN = max(4096, os.sysconf("SC_PAGE_SIZE"))
 except (AttributeError, ValueError, OSError):
     ALIGN = 4096
+DIRECT_CHUNK = 8 << 20  # per direct write, as dd bs=8M (no measurable difference from 64 MiB here)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,9 @@ class _OutFile:
             body = (n - head) // ALIGN * ALIGN
             _pwrite_all(self.fd, data[:head], pos)
             try:
-                _pwrite_all(self.dfd, data[head:head + body], pos + head)
+                for k in range(0, body, DIRECT_CHUNK):
+                    piece = min(DIRECT_CHUNK, body - k)
+                    _pwrite_all(self.dfd, data[head + k:head + k + piece], pos + head + k)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise

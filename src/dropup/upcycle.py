@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -420,11 +421,10 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
         _check_source(ck, shape, need_ffn=opts.method != "scratch")
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
-    import transformers
-
+    # The installed version, read from package metadata: importing transformers costs a second.
     config = archs.moe_config(main.config, shape, target, num_experts=opts.num_experts,
                               top_k=opts.top_k, aux_loss_coef=opts.aux_loss_coef,
-                              dtype_name=dtype_name, transformers_version=transformers.__version__)
+                              dtype_name=dtype_name, transformers_version=version("transformers"))
     record: dict = {"experts": {(layer, e): {} for layer in range(shape.layers)
                                 for e in range(opts.num_experts)}}
     ctx = _Ctx(opts, shape, target, out_dtype, sources, record)
