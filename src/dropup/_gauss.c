@@ -80,50 +80,44 @@ static inline uint16_t to_bf16(float x) { /* round to nearest even, as torch doe
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* Values first .. first + n - 1 of stream `key`, each mean + std * z, as float32. */
-void dropup_gauss_f32(uint64_t key, uint64_t first, int64_t n, float mean, float std, float *out) {
+/* Values first .. first + n - 1 of stream `key`, each mean + std * z, stored as float32 or (bf16
+ * set) as bfloat16 bits. Inlined into the two entry points below with a constant `bf16`, so each
+ * gets its own branch-free, vectorised loop. */
+static inline void store(void *out, int64_t k, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)out)[k] = to_bf16(v);
+    else
+        ((float *)out)[k] = v;
+}
+
+static inline void fill(uint64_t key, uint64_t first, int64_t n, float mean, float std, void *out,
+                        int bf16) {
     int64_t k = 0;
     if (n > 0 && (first & 1)) {
         float c, s;
         pair(key, first >> 1, &c, &s);
-        out[k++] = mean + std * s;
+        store(out, k++, mean + std * s, bf16);
     }
     uint64_t base = (first + (uint64_t)k) >> 1;
     int64_t pairs = (n - k) / 2;
     for (int64_t i = 0; i < pairs; i++) {
         float c, s;
         pair(key, base + (uint64_t)i, &c, &s);
-        out[k + 2 * i] = mean + std * c;
-        out[k + 2 * i + 1] = mean + std * s;
+        store(out, k + 2 * i, mean + std * c, bf16);
+        store(out, k + 2 * i + 1, mean + std * s, bf16);
     }
     k += 2 * pairs;
     if (k < n) {
         float c, s;
         pair(key, base + (uint64_t)pairs, &c, &s);
-        out[k] = mean + std * c;
+        store(out, k, mean + std * c, bf16);
     }
 }
 
-/* The same values rounded to bfloat16 (raw bits). */
+void dropup_gauss_f32(uint64_t key, uint64_t first, int64_t n, float mean, float std, float *out) {
+    fill(key, first, n, mean, std, out, 0);
+}
+
 void dropup_gauss_bf16(uint64_t key, uint64_t first, int64_t n, float mean, float std, uint16_t *out) {
-    int64_t k = 0;
-    if (n > 0 && (first & 1)) {
-        float c, s;
-        pair(key, first >> 1, &c, &s);
-        out[k++] = to_bf16(mean + std * s);
-    }
-    uint64_t base = (first + (uint64_t)k) >> 1;
-    int64_t pairs = (n - k) / 2;
-    for (int64_t i = 0; i < pairs; i++) {
-        float c, s;
-        pair(key, base + (uint64_t)i, &c, &s);
-        out[k + 2 * i] = to_bf16(mean + std * c);
-        out[k + 2 * i + 1] = to_bf16(mean + std * s);
-    }
-    k += 2 * pairs;
-    if (k < n) {
-        float c, s;
-        pair(key, base + (uint64_t)pairs, &c, &s);
-        out[k] = to_bf16(mean + std * c);
-    }
+    fill(key, first, n, mean, std, out, 1);
 }

@@ -73,6 +73,12 @@ class UpcycleOptions:
     threads: int = 0  # 0: one per core, at most 8
     progress: bool = True
 
+    @property
+    def copies_experts(self) -> bool:
+        """Every expert is a plain copy of a dense FFN: naive, btx, or drop / noise at r = 0."""
+        return self.method in ("naive", "btx") or (
+            self.method in ("drop", "noise") and self.ratio == 0.0)
+
     def validate(self) -> None:
         def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
             if value not in allowed:
@@ -248,7 +254,7 @@ def _expert_producer(ctx: _Ctx, cache: _FFNCache, layer: int, expert: int, matri
             src = surgery.btx_source_of_expert(expert, o.num_experts, len(ctx.sources))
             return ctx.cast(cache.get(src, layer, matrix), name)
         dense = cache.get(0, layer, matrix)
-        if o.method == "naive" or o.ratio == 0.0:
+        if o.copies_experts:
             return ctx.cast(dense, name)
         idx = _index_sets(ctx, layer, expert)[matrix]
         key = surgery.derive_seed(o.seed, "values", layer, expert, matrix)
@@ -429,8 +435,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
                                 for e in range(opts.num_experts)}}
     ctx = _Ctx(opts, shape, target, out_dtype, sources, record)
     checksums: dict = {}
-    copies = opts.method in ("naive", "btx") or (opts.method != "scratch" and opts.ratio == 0.0)
-    cache = _FFNCache(sources, shape, checksums, page_aligned=copies)
+    cache = _FFNCache(sources, shape, checksums, page_aligned=opts.copies_experts)
     plan = _plan(ctx, cache, checksums)
     total = sum(spec.nbytes for spec, _ in plan)
     with atomic_output_dir(out, opts.overwrite) as tmp:
