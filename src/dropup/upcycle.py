@@ -498,10 +498,12 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
 def _provenance(opts, main, sources, shape, target, out_dtype, record, checksums, side, total, seconds):
     from dropup import __version__
 
-    per_layer = []
-    for layer in range(shape.layers):
-        per_layer.append([{"expert": e, **record["experts"][(layer, e)]}
-                          for e in range(opts.num_experts)])
+    def entry(rec: dict) -> dict:
+        # Producers run on a thread pool and fill rec in completion order: write a fixed order.
+        return {k: rec[k] for k in (*surgery.FFN_MATRICES, "intact_fraction") if k in rec}
+
+    per_layer = [[{"expert": e, **entry(record["experts"][(layer, e)])} for e in range(opts.num_experts)]
+                 for layer in range(shape.layers)]
     intact = [x["intact_fraction"] for layer in per_layer for x in layer]
     by_source: dict[str, dict[str, str]] = {}
     for (path, name), digest in sorted(checksums.items()):
