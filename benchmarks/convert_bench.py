@@ -310,7 +310,7 @@ def _combine(runs: list[dict]) -> dict:
 
 def bench_size(size: str, root: Path, python: str, env: dict, repeat: int,
                log) -> tuple[list[list[str]], list[tuple[str, bool, str]], list[str]]:
-    from dropup.synthetic import PAPER_SHAPES, llama_config, write_synthetic_dense
+    from dropup.hub.synthetic import PAPER_SHAPES, llama_config, write_synthetic_dense
 
     cfg = llama_config(**PAPER_SHAPES[size])
     src, out, peer_out, cp_out, stage = (root / f"{size}-{n}" for n in
@@ -442,7 +442,7 @@ def rng_floor_s(cfg: dict) -> tuple[float, float, float, str]:
     """
     import torch
 
-    from dropup import gauss
+    from dropup.convert import gauss
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not sizes:
         ap.error(f"--sizes: unknown {bad}; choose from {', '.join(SIZES)}")
 
-    from dropup.synthetic import PAPER_SHAPES, llama_config
+    from dropup.hub.synthetic import PAPER_SHAPES, llama_config
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -72,10 +72,10 @@ def main() -> int:
     import tokenizers
     import zstandard
 
-    from dropup import __version__
-    from dropup.corpus import CorpusOptions, build_corpus
-    from dropup.prepare import PrepareOptions, prepare, train_tokenizer
-    from dropup.readers import InputFile, ReadOptions, read_documents
+    from dropup._version import __version__
+    from dropup.data.corpus import CorpusOptions, build_corpus
+    from dropup.data.prepare import PrepareOptions, prepare, train_tokenizer
+    from dropup.data.readers import InputFile, ReadOptions, read_documents
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dropup-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dropup.data import write_dataset  # noqa: E402
+from dropup.data.tokens import write_dataset  # noqa: E402
 
 out = Path(sys.argv[1])
 rng = np.random.default_rng(0)

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dropup.config import ModelConfig  # noqa: E402
-from dropup.losses import load_balancing_loss  # noqa: E402
-from dropup.model import build_model  # noqa: E402
-from dropup.optim import AdamW as LowMemAdamW  # noqa: E402
+from dropup.hub.config import ModelConfig  # noqa: E402
+from dropup.train.losses import load_balancing_loss  # noqa: E402
+from dropup.model.decoder import build_model  # noqa: E402
+from dropup.train.optim import AdamW as LowMemAdamW  # noqa: E402
 
 SEQ = 4096
 SHAPES = {
@@ -191,7 +191,7 @@ def check_fast_path(shape, device, compile_: bool) -> dict:
     Limit: relative error <= 1e-2 (outputs: logits and loss; gradients: all parameters' gradient
     as one vector). For information the bf16 fast path against an fp32 reference.
     """
-    from dropup.model import MoE
+    from dropup.model.decoder import MoE
 
     moe, layers, h, d_f, heads, kv, vocab, _ = shape
     cfg = ModelConfig.from_hf(hf_config("check", (moe, 2, h, d_f, heads, kv, vocab, 1)))

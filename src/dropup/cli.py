@@ -13,7 +13,7 @@ from dropup.errors import UserError
 
 
 def _upcycle_parser(sub) -> None:
-    from dropup.upcycle import METHODS, UpcycleOptions
+    from dropup.convert.upcycle import METHODS, UpcycleOptions
 
     d = UpcycleOptions()
     p = sub.add_parser("upcycle", help="build an MoE checkpoint from a dense one",
@@ -52,7 +52,7 @@ def _upcycle_parser(sub) -> None:
 
 
 def _run_upcycle(a: argparse.Namespace) -> int:
-    from dropup.upcycle import upcycle
+    from dropup.convert.upcycle import upcycle
 
     opts = {k: v for k, v in vars(a).items() if k not in ("command", "src", "out", "quiet")}
     prov = upcycle(a.src, a.out, progress=not a.quiet, **opts)
@@ -72,7 +72,7 @@ def _inspect_parser(sub) -> None:
 
 
 def _run_inspect(a: argparse.Namespace) -> int:
-    from dropup.inspect import format_report, inspect_checkpoint
+    from dropup.analysis.experts import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(a.path, similarity=not a.no_similarity)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
@@ -104,15 +104,15 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(a: argparse.Namespace) -> int:
-    from dropup.train import train
-    from dropup.trainconfig import load_config
+    from dropup.train.loop import train
+    from dropup.train.config import load_config
 
     train(load_config(a.config, a.set), resume=a.resume)
     return 0
 
 
 def _data_parser(sub) -> None:
-    from dropup.prepare import PrepareOptions
+    from dropup.data.prepare import PrepareOptions
 
     d = PrepareOptions(inputs=[], out="")
     p = sub.add_parser("data", help="prepare token datasets; build the built-in corpus",
@@ -146,7 +146,7 @@ def _data_parser(sub) -> None:
     q.add_argument("--threads", type=int, default=d.threads, help="tokenizer worker processes (default: one per core)")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
-    from dropup.corpus import CorpusOptions
+    from dropup.data.corpus import CorpusOptions
 
     c = CorpusOptions(out="")
     r = dsub.add_parser("corpus", help="harvest the built-in domain-labelled corpus from this machine",
@@ -163,14 +163,14 @@ def _run_data(a: argparse.Namespace) -> int:
     import time
 
     if a.data_command == "corpus":
-        from dropup.corpus import CorpusOptions, build_corpus, format_report
+        from dropup.data.corpus import CorpusOptions, build_corpus, format_report
 
         manifest = build_corpus(CorpusOptions(out=a.out, max_mb=a.max_mb, domains=tuple(a.domains),
                                               seed=a.seed))
         if not a.quiet:
             print(format_report(manifest))
         return 0
-    from dropup.prepare import PrepareOptions, prepare, summary_line, warnings_of
+    from dropup.data.prepare import PrepareOptions, prepare, summary_line, warnings_of
 
     opts = {k: v for k, v in vars(a).items() if k not in ("command", "data_command", "quiet")}
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_par
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dropup import __version__
+    from dropup._version import __version__
 
     parser = argparse.ArgumentParser(prog="dropup", description="Drop-Upcycling toolkit: build, "
                                      "train and analyse MoE models from dense checkpoints.")

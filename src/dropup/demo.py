@@ -94,9 +94,9 @@ def _prepare_out(out: Path) -> None:
 
 
 def _build_data(out: Path, s: DemoScale, seed: int) -> dict[str, Path]:
-    from dropup.corpus import CorpusOptions, build_corpus, format_report
-    from dropup.prepare import PrepareOptions, prepare, sample_documents, train_tokenizer
-    from dropup.readers import InputFile, ReadOptions
+    from dropup.data.corpus import CorpusOptions, build_corpus, format_report
+    from dropup.data.prepare import PrepareOptions, prepare, sample_documents, train_tokenizer
+    from dropup.data.readers import InputFile, ReadOptions
 
     manifest = build_corpus(CorpusOptions(out=str(out / "corpus"), max_mb=s.corpus_mb, seed=seed))
     print(format_report(manifest))
@@ -116,10 +116,10 @@ def _build_data(out: Path, s: DemoScale, seed: int) -> dict[str, Path]:
 
 
 def _dense_init(path: Path, s: DemoScale, vocab: int, seed: int) -> Path:
-    from dropup.config import ModelConfig
-    from dropup.hf_io import save_model
-    from dropup.model import build_model
-    from dropup.trainconfig import PRESETS
+    from dropup.hub.config import ModelConfig
+    from dropup.model.io import save_model
+    from dropup.model.decoder import build_model
+    from dropup.train.config import PRESETS
 
     hf = {**PRESETS["dense-tiny"], "hidden_size": s.hidden, "intermediate_size": s.d_f,
           "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
@@ -131,8 +131,8 @@ def _dense_init(path: Path, s: DemoScale, vocab: int, seed: int) -> Path:
 
 def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps: int, lr: float, seed: int) -> Path:
     """Train from ``init`` on the equal-weight mixture; returns the final Hugging Face checkpoint."""
-    from dropup.train import train
-    from dropup.trainconfig import load_config
+    from dropup.train.loop import train
+    from dropup.train.config import load_config
 
     cfg = {"model": {"init": str(init)},
            "data": {"datasets": [{"path": str(p), "weight": 1.0, "name": d} for d, p in data.items()],
@@ -151,8 +151,8 @@ def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps
 def evaluate(model_dir: Path, data: dict[str, Path], s: DemoScale) -> dict[str, float]:
     """Mean next-token loss on the first ``eval_batches`` validation batches of each domain: the
     batches ``dropup train`` evaluates on, so the numbers line up with its curves."""
-    from dropup.data import TokenFile, validation_batches
-    from dropup.hf_io import load_model
+    from dropup.data.tokens import TokenFile, validation_batches
+    from dropup.model.io import load_model
 
     model = load_model(model_dir, device="cpu", dtype=torch.float32).eval()
     out = {}
@@ -163,8 +163,8 @@ def evaluate(model_dir: Path, data: dict[str, Path], s: DemoScale) -> dict[str, 
 
 
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
-    from dropup.report import write_report
-    from dropup.upcycle import upcycle
+    from dropup.analysis.report import write_report
+    from dropup.convert.upcycle import upcycle
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     s = TINY if tiny else FULL

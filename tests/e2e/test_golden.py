@@ -124,9 +124,9 @@ METRIC_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "toke
 
 def train_metrics(root: Path, golden: dict) -> dict[str, list[dict]]:
     from dropup import upcycle
-    from dropup.data import write_dataset
-    from dropup.train import train
-    from dropup.trainconfig import load_config
+    from dropup.data.tokens import write_dataset
+    from dropup.train.loop import train
+    from dropup.train.config import load_config
 
     data = [write_dataset(root / name, {"train": _docs(120, s), "val": _docs(12, s + 1)}, 64, eos_token_id=0)
             for name, s in (("prose", 1), ("code", 3))]

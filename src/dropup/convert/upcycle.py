@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from dropup import archs, surgery
-from dropup.checkpoint import (
+from dropup.hub import names as archs
+from dropup.convert import surgery
+from dropup.hub.safetensors import (
     ALIGN,
     DTYPE_NAMES,
     DenseCheckpoint,
@@ -454,7 +455,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
                                  side, total, time.perf_counter() - t0)
         (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
         if opts.verify:
-            from dropup.verify import verify
+            from dropup.convert.verify import verify
 
             provenance["verify"] = verify(main.path, tmp, provenance)
             (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
@@ -496,7 +497,7 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
 
 
 def _provenance(opts, main, sources, shape, target, out_dtype, record, checksums, side, total, seconds):
-    from dropup import __version__
+    from dropup._version import __version__
 
     def entry(rec: dict) -> dict:
         # Producers run on a thread pool and fill rec in completion order: write a fixed order.

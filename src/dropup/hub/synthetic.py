@@ -12,19 +12,9 @@ from pathlib import Path
 
 import torch
 
-from dropup.archs import dense_shape
-from dropup.checkpoint import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
-
-# The dense models of the paper (see docs and shared/paper): layers, hidden, d_f, heads, kv, vocab.
-PAPER_SHAPES = {
-    "152m": dict(num_hidden_layers=12, hidden_size=512, intermediate_size=2048,
-                 num_attention_heads=8, num_key_value_heads=8, vocab_size=99584),
-    "1.5b": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=7168,
-                 num_attention_heads=16, num_key_value_heads=8, vocab_size=48640),
-    "3.7b": dict(num_hidden_layers=28, hidden_size=3072, intermediate_size=8192,
-                 num_attention_heads=24, num_key_value_heads=24, vocab_size=99584),
-}
-
+from dropup.hub.names import dense_shape
+from dropup.model.presets import PAPER_SHAPES  # noqa: F401 - re-exported for benchmarks
+from dropup.hub.safetensors import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
 
 def llama_config(**overrides) -> dict:
     cfg = {

@@ -26,15 +26,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dropup.config import ModelConfig
-from dropup.data import Mixture, Source, TokenFile, validation_batches
+from dropup.hub.config import ModelConfig
+from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
-from dropup.hf_io import load_model
-from dropup.optim import AdamW as LowMemAdamW
-from dropup.losses import GlobalBatchCounts, RouterStats, load_balancing_loss, router_z_loss
-from dropup.model import CausalLM, DecoderLayer, build_model
-from dropup.runckpt import checkpoints, load_checkpoint, save_checkpoint
-from dropup.trainconfig import PRESETS, TrainConfig
+from dropup.model.io import load_model
+from dropup.train.optim import AdamW as LowMemAdamW
+from dropup.analysis.routing import RouterStats
+from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
+from dropup.model.decoder import CausalLM, DecoderLayer, build_model
+from dropup.train.checkpoints import checkpoints, load_checkpoint, save_checkpoint
+from dropup.train.config import PRESETS, TrainConfig
 
 # ---- the recipe --------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dropup.hf_io import save_model
+from dropup.model.io import save_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from dropup import archs
-from dropup.checkpoint import DenseCheckpoint
-from dropup.config import ModelConfig
+from dropup.hub import names as archs
+from dropup.hub.safetensors import DenseCheckpoint
+from dropup.hub.config import ModelConfig
 from dropup.errors import UserError
-from dropup.model import CausalLM
+from dropup.model.decoder import CausalLM
 
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
 

@@ -9,8 +9,8 @@ from conftest import load_tensors
 
 from dropup import UserError, upcycle
 from dropup.cli import main
-from dropup.inspect import inspect_checkpoint
-from dropup.verify import verify
+from dropup.analysis.experts import inspect_checkpoint
+from dropup.convert.verify import verify
 
 
 def test_inspect_reports_method_params_and_similarity(wide_llama, tmp_path, capsys):
@@ -77,7 +77,7 @@ def test_verify_catches_wrong_values(dense_models, tmp_path):
 
 
 def test_verify_failure_leaves_no_output(dense_models, tmp_path, monkeypatch, capsys):
-    import dropup.verify as v
+    import dropup.convert.verify as v
 
     def broken(*a, **k):
         raise UserError("verify: simulated failure")

@@ -12,10 +12,11 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
-from dropup.config import ModelConfig  # noqa: E402
-from dropup.hf_io import load_model, save_model  # noqa: E402
-from dropup.losses import load_balancing_loss, router_metrics, router_z_loss  # noqa: E402
-from dropup.model import MoE  # noqa: E402
+from dropup.hub.config import ModelConfig  # noqa: E402
+from dropup.model.io import load_model, save_model  # noqa: E402
+from dropup.analysis.routing import router_metrics  # noqa: E402
+from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
+from dropup.model.decoder import MoE  # noqa: E402
 
 torch.set_num_threads(1)
 SEQ = 24  # longer than the sliding windows and the dynamic-RoPE max_position_embeddings below
@@ -297,7 +298,7 @@ def test_grouped_path_in_full_model_matches_transformers(hf_models):
 def test_naive_upcycle_computes_the_dense_function(hf_models, tmp_path):
     # Mixtral renormalises the top-k weights, so E identical copies of the dense FFN give back
     # exactly the dense model whatever the router says: the converter's r = 0 invariant.
-    from dropup.model import CausalLM, build_model
+    from dropup.model.decoder import CausalLM, build_model
 
     dense = load_model(hf_models["mistral-sliding-linearrope"][1])
     moe_hf = {**dense.config.to_hf(), "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
@@ -319,7 +320,7 @@ def test_naive_upcycle_computes_the_dense_function(hf_models, tmp_path):
 
 
 def test_backward_reaches_every_parameter(hf_models):
-    from dropup.losses import cross_entropy
+    from dropup.model.lm_loss import cross_entropy
 
     model = load_model(hf_models["qwen2_moe-shared-dense-layer"][1])
     ids = input_ids(96)

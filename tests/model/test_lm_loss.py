@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropup.config import ModelConfig
-from dropup.losses import lm_head_cross_entropy
-from dropup.model import build_model
+from dropup.hub.config import ModelConfig
+from dropup.model.lm_loss import lm_head_cross_entropy
+from dropup.model.decoder import build_model
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

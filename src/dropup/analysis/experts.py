@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from dropup import archs, surgery
-from dropup.checkpoint import DenseCheckpoint
+from dropup.hub import names as archs
+from dropup.convert import surgery
+from dropup.hub.safetensors import DenseCheckpoint
 from dropup.errors import UserError
 
 NEURON_BLOCK = 512

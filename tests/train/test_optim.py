@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dropup.optim import AdamW
+from dropup.train.optim import AdamW
 
 
 def _run(opt_cls, steps=5, **kw):
@@ -43,7 +43,7 @@ def test_bf16_states_are_stored_in_bf16_and_stay_close():
 
 def test_train_config_rejects_unknown_state_dtype(tmp_path):
     from dropup.errors import UserError
-    from dropup.trainconfig import load_config
+    from dropup.train.config import load_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {preset: moe-tiny}\ndata: {datasets: [{path: x}]}\nsteps: 1\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import build_dense
 
-from dropup import checkpoint
+from dropup.hub import safetensors as checkpoint
 from dropup.cli import main
 
 

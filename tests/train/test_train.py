@@ -18,12 +18,14 @@ import torch
 import yaml
 
 from dropup.cli import main as cli_main
-from dropup.data import Mixture, Source, TokenFile, TokenWriter, write_dataset
+from dropup.data.tokens import Mixture, Source, TokenFile, TokenWriter, write_dataset
 from dropup.errors import UserError
-from dropup.hf_io import load_model
-from dropup.losses import GlobalBatchCounts, RouterStats, cross_entropy, load_balancing_loss
-from dropup.train import lr_at, param_groups, train
-from dropup.trainconfig import PRESETS, load_config
+from dropup.model.io import load_model
+from dropup.analysis.routing import RouterStats
+from dropup.model.lm_loss import cross_entropy
+from dropup.train.losses import GlobalBatchCounts, load_balancing_loss
+from dropup.train.loop import lr_at, param_groups, train
+from dropup.train.config import PRESETS, load_config
 
 torch.set_num_threads(1)
 VOCAB = 64
@@ -97,8 +99,8 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 
 def test_weight_decay_only_on_matrices():
-    from dropup.config import ModelConfig
-    from dropup.model import build_model
+    from dropup.hub.config import ModelConfig
+    from dropup.model.decoder import build_model
 
     hf = {**PRESETS["moe-tiny"], "vocab_size": VOCAB, "model_type": "qwen3_moe", "num_experts": 4,
           "moe_intermediate_size": 32, "attention_bias": True}  # q/k norms and biases too
@@ -116,8 +118,8 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_presets_have_the_paper_shapes():
-    from dropup.config import ModelConfig
-    from dropup.model import CausalLM
+    from dropup.hub.config import ModelConfig
+    from dropup.model.decoder import CausalLM
 
     def count(name):
         with torch.device("meta"):
@@ -274,7 +276,7 @@ def test_loss_falls_and_checkpoint_loads_in_transformers(tmp_path, datasets):
 def test_naive_upcycle_has_the_dense_loss(tmp_path, datasets):
     from conftest import build_dense
 
-    from dropup.upcycle import upcycle
+    from dropup.convert.upcycle import upcycle
 
     dense = build_dense(tmp_path / "dense", "llama", vocab=VOCAB, hidden=32, d_f=64)
     upcycle(dense, tmp_path / "moe", method="naive", num_experts=4, top_k=2)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dropup.data import TokenWriter, token_dtype
+from dropup.data.tokens import TokenWriter, token_dtype
 from dropup.errors import UserError
-from dropup.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
+from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
 
 EOS = "<|endoftext|>"
 MIN_TRAINED_VOCAB = 257  # the 256 byte tokens of a byte-level BPE plus the end-of-document token
@@ -349,7 +349,7 @@ def prepare(opts: PrepareOptions) -> dict:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from dropup.data import read_meta
+    from dropup.data.tokens import read_meta
 
     return read_meta(out)
 
@@ -366,7 +366,7 @@ def _empty_message(files: list[InputFile]) -> str:
 
 
 def _meta(opts: PrepareOptions, tok: LoadedTokenizer, tmp: Path, totals: Totals, seconds: float) -> dict:
-    from dropup import __version__
+    from dropup._version import __version__
 
     return {
         "domain": opts.domain,

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from dropup.synthetic import llama_config, write_synthetic_dense
+from dropup.hub.synthetic import llama_config, write_synthetic_dense
 
 PROBE = textwrap.dedent("""
     import resource, sys
@@ -40,7 +40,7 @@ def test_peak_rss_stays_under_budget_for_20x_larger_checkpoint(tmp_path):
 
 
 def _write(out, specs_tensors, direct, max_shard="1GB"):
-    from dropup.checkpoint import ShardedWriter, TensorSpec, parse_size
+    from dropup.hub.safetensors import ShardedWriter, TensorSpec, parse_size
 
     specs = [TensorSpec(t.dtype, tuple(t.shape), name=n) for n, t in specs_tensors]
     out.mkdir()
@@ -57,7 +57,7 @@ def test_direct_io_writes_the_same_bytes_as_buffered(tmp_path, monkeypatch):
     import torch
     from safetensors import safe_open
 
-    from dropup import checkpoint
+    from dropup.hub import safetensors as checkpoint
 
     g = torch.Generator().manual_seed(0)
     tensors = []
@@ -100,7 +100,7 @@ def test_direct_io_writes_the_same_bytes_as_buffered(tmp_path, monkeypatch):
 def test_buffer_placement():
     import torch
 
-    from dropup import checkpoint
+    from dropup.hub import safetensors as checkpoint
 
     for phase in (0, 2, 4094, 512):
         t = checkpoint.aligned_empty((10, 3), torch.bfloat16, phase)

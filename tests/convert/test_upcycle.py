@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import DENSE_ARCHS, build_dense, load_tensors
 
-from dropup import archs, upcycle
-from dropup.surgery import num_reinit
+from dropup.hub import names as archs
+from dropup import upcycle
+from dropup.convert.surgery import num_reinit
 
 SEQ = 40  # longer than the mistral fixture's sliding window of 8
 
@@ -303,7 +304,7 @@ def test_pytorch_bin_source_is_read_safely(dense_models, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("matrix", ["gate", "down"])
 def test_moment_statistics_equal_direct_statistics(dtype, matrix):
-    from dropup import surgery
+    from dropup.convert import surgery
 
     gen = torch.Generator().manual_seed(0)
     w = (0.3 + 0.05 * torch.randn(96, 40, generator=gen)).to(dtype)

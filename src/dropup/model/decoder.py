@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropup.config import ModelConfig
-from dropup.losses import lm_head_cross_entropy
+from dropup.hub.config import ModelConfig
+from dropup.model.lm_loss import lm_head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -400,7 +400,7 @@ class CausalLM(nn.Module):
                 p.normal_(0.0, std)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        from dropup.hf_io import save_model  # hf_io imports this module
+        from dropup.model.io import save_model  # hf_io imports this module
 
         save_model(self, path, **kwargs)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dropup.gauss import gaussian
+from dropup.convert.gauss import gaussian
 
 FFN_MATRICES = ("gate", "up", "down")
 # The axis of each FFN matrix that indexes intermediate neurons.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropup import gauss
+from dropup.convert import gauss
 
 
 def _reference(key: int, first: int, n: int, mean: float, std: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dropup.config import ARCHITECTURES, DENSE_TYPES, MOE_TYPES
+from dropup.hub.config import ARCHITECTURES, DENSE_TYPES, MOE_TYPES
 from dropup.errors import UserError
 
 SOURCE_TYPES = DENSE_TYPES

@@ -1,0 +1,1 @@
+"""Looking inside models: expert similarity (`dropup inspect`), routing statistics, reports."""

@@ -1,0 +1,84 @@
+"""Routing statistics of MoE layers: top-k assignments per expert, load fractions, router entropy.
+
+Pure torch on router logits, so training logs them as it goes and analysis reads them back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def expert_counts(
+    router_logits: list[torch.Tensor], top_k: int, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Top-k assignments per expert, [layers, E] (fp32, no gradient), optionally only where
+    ``mask`` (flattened like the router logits' rows) is nonzero.
+
+    Summed over micro-batches and all-reduced over ranks this is what a global-batch balance
+    loss needs; pass the normalised result to ``load_balancing_loss(token_fractions=...)``.
+    """
+    rows = []
+    for logits in router_logits:
+        ids = logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices
+        w = torch.ones_like(ids, dtype=torch.float32)
+        if mask is not None:
+            w = w * mask.reshape(-1, 1).to(w)
+        rows.append(torch.zeros(num_experts, device=logits.device).scatter_add_(0, ids.reshape(-1), w.reshape(-1)))
+    return torch.stack(rows)
+
+
+def _token_entropy(router_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each token's routing distribution, [N]."""
+    logp = router_logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-layer diagnostics for logging: load fractions [L, E] (sum to 1), max/min load ratio
+    [L] (inf when an expert got nothing) and mean router entropy in nats [L]."""
+    with torch.no_grad():
+        counts = expert_counts(router_logits, top_k, num_experts)
+        load = counts / counts.sum(-1, keepdim=True)
+        ratio = load.max(-1).values / load.min(-1).values
+        entropy = torch.stack(
+            [_token_entropy(r).mean() for r in router_logits]
+        )
+    return {"load": load, "max_min_ratio": ratio, "entropy": entropy}
+
+
+class RouterStats:
+    """Accumulates per-layer routing statistics over the micro-batches of a log interval."""
+
+    def __init__(self):
+        self.counts: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> None:
+        with torch.no_grad():
+            counts = expert_counts(router_logits, top_k, num_experts)
+            ent = torch.stack([_token_entropy(r).sum() for r in router_logits])
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.entropy_sum = ent if self.entropy_sum is None else self.entropy_sum + ent
+        self.tokens += router_logits[0].shape[0]
+
+    def reduce(self, group=None) -> dict[str, list] | None:
+        """Load fractions [L][E], max/min load ratio [L] (None when an expert got no token) and
+        mean router entropy in nats [L], over all ranks. Collective: every rank must call it."""
+        if self.counts is None:
+            return None
+        buf = torch.cat([self.counts.flatten(), self.entropy_sum,
+                         torch.tensor([float(self.tokens)], device=self.counts.device)])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(buf, group=group)
+        n_layers, e = self.counts.shape
+        counts = buf[: n_layers * e].view(n_layers, e)
+        entropy = buf[n_layers * e : n_layers * e + n_layers] / buf[-1]
+        load = counts / counts.sum(-1, keepdim=True)
+        ratio = load.max(-1).values / load.min(-1).values
+        return {
+            "router_load": [[round(x, 5) for x in row] for row in load.tolist()],
+            "router_max_min_ratio": [round(x, 4) if x != float("inf") else None for x in ratio.tolist()],
+            "router_entropy": [round(x, 5) for x in entropy.tolist()],
+        }

@@ -1,0 +1,94 @@
+"""The language-model loss: next-token cross entropy, and the same computed from the final hidden
+states chunk by chunk so the [tokens, vocab] logits never exist at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy in fp32; ``targets`` are already shifted ([batch, seq])."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+class _LMHeadCrossEntropy(torch.autograd.Function):
+    """Cross entropy of ``hidden @ weight.T`` without ever holding the [N, vocab] logits.
+
+    Rows are processed in chunks; each chunk's softmax gradient is formed right away and turned
+    into the gradients of hidden and weight, so peak memory is one chunk of fp32 logits instead
+    of all of them (8 x 4096 tokens at vocabulary 99,584 would be 13 GB). This is the idea of
+    fused linear cross-entropy kernels (e.g. Liger-Kernel's, Hsu et al. 2024), here in plain
+    PyTorch: the matmuls dominate and run as ordinary GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int, dtype: torch.dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        count = valid.sum().clamp_min(1).float()
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = _chunk_step(h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc = h[start:start + chunk]
+            loss, g = step(hc, w, safe[start:start + chunk], valid[start:start + chunk], want_grad)
+            total += loss
+            if want_grad:
+                grad_h[start:start + chunk] = g @ w
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
+        dh = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
+        dw = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def _ce_chunk(hc, w, targets, valid, want_grad: bool):
+    """Summed loss of one chunk and, when wanted, d(loss)/d(logits) = softmax - onehot (masked),
+    in the matmul dtype. The fp32 logits live only inside this function."""
+    logits = (hc @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp()
+    g = g.scatter_add(1, targets[:, None], -torch.ones_like(g[:, :1]))
+    return loss, (g * valid[:, None]).to(hc.dtype)
+
+
+_COMPILED_CE_CHUNK = None
+
+
+def _chunk_step(device: torch.device):
+    """On CUDA the chunk's element-wise passes over [chunk, vocab] fp32 are memory-bound; compiled
+    they fuse into a couple of kernels. Elsewhere the eager function (no compiler needed)."""
+    global _COMPILED_CE_CHUNK
+    if device.type != "cuda":
+        return _ce_chunk
+    if _COMPILED_CE_CHUNK is None:
+        _COMPILED_CE_CHUNK = torch.compile(_ce_chunk, dynamic=False)
+    return _COMPILED_CE_CHUNK
+
+
+def lm_head_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean next-token cross entropy of ``hidden [..., d] @ weight[V, d].T`` against ``targets``,
+    chunked over rows (see ``_LMHeadCrossEntropy``). Under autocast the matmuls run in the
+    autocast dtype, softmax and sums in fp32, as with ``cross_entropy(F.linear(...))``."""
+    dtype = (torch.get_autocast_dtype(hidden.device.type)
+             if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LMHeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                         targets.reshape(-1), chunk, ignore_index, dtype)
