@@ -16,17 +16,17 @@ from dropup.hub import names as archs
 from dropup.convert import surgery
 from dropup.hub.safetensors import DenseCheckpoint
 from dropup.errors import UserError
+from dropup.hub.config import ModelConfig
 
 NEURON_BLOCK = 512
 
 
-def _moe_fields(cfg: dict) -> tuple[str, int, int]:
-    target = cfg.get("model_type")
-    if target not in archs.TARGET_TYPES:
-        raise UserError(f"inspect: model_type {target!r} is not an MoE dropup knows; expected one "
+def _moe_config(ck: DenseCheckpoint) -> ModelConfig:
+    cfg = ModelConfig.from_hf(ck.config, where=f"inspect: {ck.path}")
+    if not cfg.is_moe:
+        raise UserError(f"inspect: model_type {cfg.model_type!r} is not an MoE dropup knows; expected one "
                         f"of {', '.join(archs.TARGET_TYPES)}")
-    experts = cfg.get("num_local_experts") if target == "mixtral" else cfg.get("num_experts")
-    return target, int(experts), int(cfg.get("num_experts_per_tok", 2))
+    return cfg
 
 
 def _fingerprints(blocks: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -82,27 +82,26 @@ def expert_similarity(ck: DenseCheckpoint, target: str, layer: int, num_experts:
 
 def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
     ck = DenseCheckpoint(path, "checkpoint")
-    cfg = ck.config
-    target, num_experts, top_k = _moe_fields(cfg)
-    layers = int(cfg["num_hidden_layers"])
+    cfg = _moe_config(ck)
+    target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     total = sum(math.prod(info.shape) for info in ck.tensors.values())
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" in ck.tensors:
+    if cfg.tie_word_embeddings and "lm_head.weight" in ck.tensors:
         total -= math.prod(ck.tensors["lm_head.weight"].shape)
     per_expert = 0
     for m in surgery.FFN_MATRICES:
         name = archs.expert_name(target, 0, 0, m)
         if name in ck.tensors:
             per_expert += math.prod(ck.tensors[name].shape)
-    active = total - layers * (num_experts - top_k) * per_expert
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
+    active = total - moe_layers * (num_experts - top_k) * per_expert
     report: dict = {
         "path": str(ck.path), "architecture": target, "layers": layers,
-        "hidden_size": cfg.get("hidden_size"), "expert_intermediate_size": cfg.get(
-            "moe_intermediate_size", cfg.get("intermediate_size")),
+        "hidden_size": cfg.hidden_size, "expert_intermediate_size": cfg.moe_intermediate_size,
         "num_experts": num_experts, "top_k": top_k,
         "total_params": total, "active_params": active,
-        "dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
-        "router_aux_loss_coef": cfg.get("router_aux_loss_coef"),
-        "shared_expert": target == "qwen2_moe",
+        "dtype": ck.config.get("torch_dtype") or ck.config.get("dtype"),
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "shared_expert": cfg.shared_expert_intermediate_size > 0,
     }
     prov_path = ck.path / "upcycling.json"
     if prov_path.is_file():

@@ -47,6 +47,7 @@ from dropup.hub.safetensors import (
     parse_size,
 )
 from dropup.errors import UserError
+from dropup.hub.config import config_json, dense_to_moe
 
 METHODS = ("drop", "naive", "noise", "scratch", "btx")
 
@@ -411,7 +412,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     out = Path(out)
     main = DenseCheckpoint(src, "SRC")
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
-    target = archs.resolve_target(shape, main.config, opts.target)
+    target = archs.resolve_target(shape, opts.target)
     sources = [main]
     if opts.method == "btx":
         if not opts.sources:
@@ -428,10 +429,10 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
         _check_source(ck, shape, need_ffn=opts.method != "scratch")
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
+    moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
+                       aux_loss_coef=opts.aux_loss_coef)
     # The installed version, read from package metadata: importing transformers costs a second.
-    config = archs.moe_config(main.config, shape, target, num_experts=opts.num_experts,
-                              top_k=opts.top_k, aux_loss_coef=opts.aux_loss_coef,
-                              dtype_name=dtype_name, transformers_version=version("transformers"))
+    config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
     record: dict = {"experts": {(layer, e): {} for layer in range(shape.layers)
                                 for e in range(opts.num_experts)}}
     ctx = _Ctx(opts, shape, target, out_dtype, sources, record)
@@ -448,7 +449,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
             writer.close()
         finally:
             writer.abort()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(config_json(config))
         side = main.copy_side_files(tmp)
         _intact_fractions(ctx)
         provenance = _provenance(opts, main, sources, shape, target, out_dtype, record, checksums,

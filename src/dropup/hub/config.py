@@ -1,13 +1,16 @@
-"""The typed model config: what dropup's model needs from a Hugging Face ``config.json``.
+"""The one reader and the one writer of Hugging Face ``config.json`` files.
 
 ``ModelConfig.from_hf`` resolves the per-architecture spellings (``num_local_experts`` vs
-``num_experts``, four ways to enable a sliding window, two RoPE layouts) once, so the model code
-never looks at ``model_type``; ``to_hf`` writes a config.json transformers loads as the same model.
+``num_experts``, four ways to enable a sliding window, two RoPE layouts) once, so no other code
+looks at ``model_type`` to learn a shape; ``to_hf`` writes a config.json that transformers (4.x
+and 5.x) loads as the same model. The converter (``dense_to_moe`` then ``to_hf``), the model
+loader, the trainer's exports and ``dropup inspect`` all go through these two functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dropup.errors import UserError
@@ -93,23 +96,28 @@ class ModelConfig:
     # ---- from / to config.json ------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+        """Read a config.json dict. Defaults are transformers' own for each architecture, so a key
+        left out means what it means to transformers. ``where`` prefixes error messages."""
         mt = d.get("model_type")
         if mt not in SUPPORTED_TYPES:
-            raise UserError(
-                f"model_type {mt!r} is not supported by dropup's model; supported: "
-                + ", ".join(SUPPORTED_TYPES)
-            )
+            raise UserError(f"{where}: model_type {mt!r} is not supported; supported: "
+                            + ", ".join(SUPPORTED_TYPES))
         act = d.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UserError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
+        if act not in ("silu", "swish"):  # transformers maps both names to the same SiLU
+            raise UserError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
         if d.get("mlp_bias"):
-            raise UserError("mlp_bias=true is not supported (no Llama-family MoE target has FFN biases)")
+            raise UserError(f"{where}: mlp_bias=true is not supported (no Llama-family MoE target has "
+                            "FFN biases)")
 
-        hidden, heads = d["hidden_size"], d["num_attention_heads"]
-        # qwen3's transformers default head_dim is 128, not hidden / heads.
-        head_dim = d.get("head_dim") or (128 if mt == "qwen3" else hidden // heads)
-        layers = d["num_hidden_layers"]
+        def need(key: str):
+            if d.get(key) is None:
+                raise UserError(f"{where}: config.json has no '{key}'; it is not a complete model config")
+            return d[key]
+
+        hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+        # qwen3's and qwen3_moe's transformers default head_dim is 128, not hidden / heads.
+        head_dim = d.get("head_dim") or (128 if mt in ("qwen3", "qwen3_moe") else hidden // heads)
         attention_bias = bool(d.get("attention_bias", False))
         qkv_bias = {
             "qwen2": True,  # Qwen2 always has q/k/v bias and no config key for it
@@ -122,9 +130,9 @@ class ModelConfig:
         theta, scaling = _rope_from_hf(d, mt)
         cfg = cls(
             model_type=mt,
-            vocab_size=d["vocab_size"],
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=d["intermediate_size"],
+            intermediate_size=need("intermediate_size"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
@@ -144,26 +152,29 @@ class ModelConfig:
         if mt == "mixtral":
             cfg.num_experts = d.get("num_local_experts", 8)
             cfg.num_experts_per_tok = d.get("num_experts_per_tok", 2)
-            cfg.moe_intermediate_size = d["intermediate_size"]
+            cfg.moe_intermediate_size = cfg.intermediate_size
             cfg.norm_topk_prob = True  # Mixtral always renormalises the top-k weights
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # transformers 5 writes qwen3_moe's expert count as num_local_experts.
-            cfg.num_experts = d["num_experts"] if "num_experts" in d else d["num_local_experts"]
-            cfg.num_experts_per_tok = d["num_experts_per_tok"]
-            cfg.moe_intermediate_size = d["moe_intermediate_size"]
+            cfg.num_experts = d["num_experts"] if "num_experts" in d else need("num_local_experts")
+            cfg.num_experts_per_tok = need("num_experts_per_tok")
+            cfg.moe_intermediate_size = need("moe_intermediate_size")
             cfg.norm_topk_prob = bool(d.get("norm_topk_prob", False))
             cfg.decoder_sparse_step = d.get("decoder_sparse_step", 1) or 1
             cfg.mlp_only_layers = list(d.get("mlp_only_layers") or [])
             if mt == "qwen2_moe":
                 cfg.shared_expert_intermediate_size = d.get("shared_expert_intermediate_size", 0) or 0
-        known = {f.name for f in fields(cls)} | _HF_KEYS_READ
-        cfg.extra = {k: v for k, v in d.items() if k not in known}
+        cfg.extra = {k: v for k, v in d.items() if k not in _HF_KEYS_TYPED}
         return cfg
 
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json dict; loads in transformers as the same model."""
+    def to_hf(self, dtype: str | None = None, transformers_version: str | None = None) -> dict[str, Any]:
+        """The config.json dict (keys sorted); transformers loads it as the same model.
+
+        Keys the typed fields do not determine (``extra``) are written back as they were read.
+        ``dtype`` is written as ``torch_dtype``, the spelling both transformers 4.x and 5.x read.
+        """
         mt = self.model_type
-        d: dict[str, Any] = dict(self.extra)
+        d: dict[str, Any] = {k: v for k, v in self.extra.items() if k not in _WRITER_OWNED}
         d.update(
             model_type=mt,
             architectures=[ARCHITECTURES[mt]],
@@ -190,6 +201,8 @@ class ModelConfig:
         if mt == "mixtral":
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif mt in ("qwen2_moe", "qwen3_moe"):
+            # num_experts, not num_local_experts: transformers 4.x reads only this spelling and
+            # 5.x maps it onto num_local_experts.
             d.update(
                 num_experts=self.num_experts,
                 num_experts_per_tok=self.num_experts_per_tok,
@@ -198,13 +211,15 @@ class ModelConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
-            if mt == "qwen3_moe":  # both spellings: transformers 4 reads the first, 5 the second
-                d["num_local_experts"] = self.num_experts
             if mt == "qwen2_moe":
                 d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         if self.is_moe:
             d["router_aux_loss_coef"] = self.router_aux_loss_coef
-        return d
+        if dtype is not None:
+            d["torch_dtype"] = dtype
+        if transformers_version is not None:
+            d["transformers_version"] = transformers_version
+        return dict(sorted(d.items()))
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -223,12 +238,20 @@ class ModelConfig:
             raise UserError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
 
 
-# Keys that from_hf turns into typed fields (so they do not also land in `extra`).
-_HF_KEYS_READ = {
-    "architectures", "hidden_act", "mlp_bias", "attention_bias", "qkv_bias", "rope_theta",
-    "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window", "layer_types",
-    "num_local_experts",
+# config.json keys that the typed fields determine (and to_hf always writes), so they are not kept
+# in `extra`. The RoPE-scaling and sliding-window keys stay in `extra` too: to_hf rewrites them from
+# the typed fields but keeps the source's spelling where the fields leave it open.
+_HF_KEYS_TYPED = {
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+    "max_position_embeddings", "tie_word_embeddings", "mlp_bias", "attention_bias", "qkv_bias",
+    "rope_theta", "rope_parameters", "num_local_experts", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size", "decoder_sparse_step",
+    "mlp_only_layers", "router_aux_loss_coef",
 }  # fmt: skip
+# What the writer alone decides: the dtype and version of the files written now, and keys whose
+# meaning is the process that wrote the file (custom code, the source's path on the Hub).
+_WRITER_OWNED = {"torch_dtype", "dtype", "transformers_version", "auto_map", "_name_or_path"}
 _DEFAULT_THETA = {"mixtral": 1e6}
 
 
@@ -236,7 +259,7 @@ def _rope_from_hf(d: dict[str, Any], mt: str) -> tuple[float, dict[str, Any] | N
     # transformers 5 writes one `rope_parameters` dict (theta included); 4.x wrote `rope_theta`
     # plus an optional `rope_scaling` dict whose type key was once called "type".
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", d.get("rope_theta", _DEFAULT_THETA.get(mt, 10000.0))))
+    theta = params.pop("rope_theta", d.get("rope_theta", _DEFAULT_THETA.get(mt, 10000.0)))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type == "default":
@@ -247,16 +270,14 @@ def _rope_from_hf(d: dict[str, Any], mt: str) -> tuple[float, dict[str, Any] | N
 
 
 def _rope_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
-    # Write the spelling the source used; for a config built from scratch use the 4.x spelling,
-    # which transformers 5 still reads (the reverse is not true).
-    d.pop("rope_parameters", None)
-    d.pop("rope_scaling", None)
-    d.pop("rope_theta", None)
+    """RoPE in the spelling the source used, plus the 4.x keys in every case: transformers 4.x
+    reads only ``rope_theta`` and ``rope_scaling`` (without them Mixtral silently falls back to
+    a theta of 1e6), and 5.x still reads them when ``rope_parameters`` is absent."""
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     if cfg.rope_key == "rope_parameters":
         d["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(scaling or {})}
-    else:
-        d["rope_theta"] = cfg.rope_theta
+    d["rope_theta"] = cfg.rope_theta
+    if scaling is not None or "rope_scaling" in d:  # plain RoPE: null where the source spelled it
         d["rope_scaling"] = scaling
 
 
@@ -298,9 +319,44 @@ def _sliding_windows_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
             raise UserError("llama has no sliding window")
         return
     d["use_sliding_window"] = window is not None
-    d["sliding_window"] = window if window else (0 if mt == "qwen2_moe" else None)
-    if mt != "qwen3_moe":
+    if window:
+        d["sliding_window"] = window  # when off, a size the source gave (Qwen2's 4096 beside
+        # "use_sliding_window": false) is kept as it was
+    if mt == "qwen3_moe":
+        if window and not all(cfg.sliding_windows):
+            raise UserError("qwen3_moe applies its sliding window to every layer or none")
+        d.pop("layer_types", None)  # not a qwen3_moe key, and max_window_layers means nothing there
+        d.pop("max_window_layers", None)
+    elif window or "layer_types" in d:
         # An explicit per-layer list is the one spelling transformers reads the same way everywhere.
         d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows]
-    elif window and not all(cfg.sliding_windows):
-        raise UserError("qwen3_moe applies its sliding window to every layer or none")
+
+
+def config_json(d: dict[str, Any]) -> str:
+    """The text of a config.json file: keys sorted at every level, as transformers writes it."""
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
+                 aux_loss_coef: float) -> ModelConfig:
+    """The MoE config that upcycling ``cfg`` builds: the dense model's settings kept (RoPE, eps,
+    vocabulary, special tokens, windows), the MoE fields set, and the top-k weights renormalised
+    so that naive upcycling computes exactly the dense function."""
+    if target not in MOE_TYPES:
+        raise ValueError(f"{target!r} is not an MoE type")
+    extra = {k: v for k, v in cfg.extra.items() if k not in _DENSE_ONLY_KEYS}
+    extra["output_router_logits"] = False
+    if target == "mixtral":
+        extra["router_jitter_noise"] = 0.0
+    return replace(
+        cfg, model_type=target, extra=extra,
+        num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=cfg.intermediate_size,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=aux_loss_coef,
+        qk_norm=cfg.qk_norm or target == "qwen3_moe",  # Qwen3-MoE always normalises q and k
+        shared_expert_intermediate_size=cfg.intermediate_size if target == "qwen2_moe" else 0,
+        sliding_windows=list(cfg.sliding_windows),
+    )
+
+
+# Keys of a dense Llama config that mean nothing in the MoE config.
+_DENSE_ONLY_KEYS = {"pretraining_tp"}

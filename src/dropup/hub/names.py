@@ -1,4 +1,4 @@
-"""Architectures: what a dense source holds, what an MoE target is called, and its config.json.
+"""Tensor names per architecture: what a dense source holds and what an MoE target calls its parts.
 
 The non-FFN tensors (embeddings, attention, norms, LM head) have the same names in every
 Llama-family dense model and in Mixtral / Qwen2-MoE / Qwen3-MoE, so they are copied under their
@@ -9,9 +9,9 @@ are, 5.x fuses them on load, vLLM and SGLang read them directly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dropup.hub.config import ARCHITECTURES, DENSE_TYPES, MOE_TYPES
+from dropup.hub.config import DENSE_TYPES, MOE_TYPES, ModelConfig
 from dropup.errors import UserError
 
 SOURCE_TYPES = DENSE_TYPES
@@ -33,7 +33,8 @@ _MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "m
 
 @dataclass(frozen=True)
 class DenseShape:
-    """The shapes of a dense Llama-family model, read from its config.json."""
+    """The tensor shapes of a dense Llama-family model: a view of its ``ModelConfig`` (the one
+    reader of config.json) that lists every tensor the checkpoint must hold."""
 
     model_type: str
     vocab: int
@@ -47,6 +48,14 @@ class DenseShape:
     qkv_bias: bool  # bias on q, k, v projections
     o_bias: bool  # bias on the output projection
     qk_norm: bool  # RMSNorm over head_dim on q and k (Qwen3)
+    config: ModelConfig = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> DenseShape:
+        return cls(model_type=cfg.model_type, vocab=cfg.vocab_size, hidden=cfg.hidden_size,
+                   d_f=cfg.intermediate_size, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                   kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tied=cfg.tie_word_embeddings,
+                   qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, config=cfg)
 
     def ffn_name(self, layer: int, matrix: str) -> str:
         return f"model.layers.{layer}.mlp.{matrix}_proj.weight"
@@ -87,45 +96,15 @@ class DenseShape:
         return (self.hidden, self.d_f) if matrix == "down" else (self.d_f, self.hidden)
 
 
-def _need(cfg: dict, key: str, where: str) -> int:
-    if key not in cfg or cfg[key] is None:
-        raise UserError(f"{where}: config.json has no '{key}'; it is not a complete model config")
-    return cfg[key]
-
-
 def dense_shape(cfg: dict, where: str = "SRC") -> DenseShape:
-    model_type = cfg.get("model_type")
-    if model_type not in SOURCE_TYPES:
-        raise UserError(
-            f"{where}: model_type {model_type!r} is not supported; supported dense inputs are "
-            f"{', '.join(SOURCE_TYPES)}"
-        )
-    if cfg.get("mlp_bias"):
-        raise UserError(f"{where}: mlp_bias=true is not supported (MoE experts have no biases)")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"{where}: hidden_act {act!r} is not supported; the MoE targets use silu")
-    hidden = _need(cfg, "hidden_size", where)
-    heads = _need(cfg, "num_attention_heads", where)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    attention_bias = bool(cfg.get("attention_bias", False))
-    return DenseShape(
-        model_type=model_type,
-        vocab=_need(cfg, "vocab_size", where),
-        hidden=hidden,
-        d_f=_need(cfg, "intermediate_size", where),
-        layers=_need(cfg, "num_hidden_layers", where),
-        heads=heads,
-        kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=False if model_type == "qwen2" else attention_bias,
-        qk_norm=model_type == "qwen3",
-    )
+    """Read a dense model's config.json dict (through ``ModelConfig.from_hf``)."""
+    if cfg.get("model_type") not in SOURCE_TYPES:
+        raise UserError(f"{where}: model_type {cfg['model_type']!r} is not supported; supported dense "
+                        f"inputs are {', '.join(SOURCE_TYPES)}")
+    return DenseShape.of(ModelConfig.from_hf(cfg, where))
 
 
-def resolve_target(shape: DenseShape, cfg: dict, target: str) -> str:
+def resolve_target(shape: DenseShape, target: str) -> str:
     allowed = TARGETS_OF[shape.model_type]
     if target == "auto":
         target = allowed[0]
@@ -138,27 +117,12 @@ def resolve_target(shape: DenseShape, cfg: dict, target: str) -> str:
         raise UserError(
             "SRC uses attention_bias=true, which Mixtral cannot represent; use --target qwen3_moe"
         )
-    if target == "qwen3_moe" and _sliding_layers(cfg, shape) not in ("none", "all"):
+    windows = shape.config.sliding_windows
+    if target == "qwen3_moe" and any(windows) and not all(windows):
         raise UserError(
             "SRC uses sliding-window attention on only some layers, which Qwen3-MoE cannot represent"
         )
     return target
-
-
-def _sliding_layers(cfg: dict, shape: DenseShape) -> str:
-    """'none', 'all' or 'some': which layers of the dense model use sliding-window attention."""
-    if shape.model_type == "mistral":
-        return "all" if cfg.get("sliding_window") else "none"
-    if shape.model_type in ("qwen2", "qwen3"):
-        if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
-            return "none"
-        types = cfg.get("layer_types")
-        if types is None:
-            mwl = cfg.get("max_window_layers", 28)
-            types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(shape.layers)]
-        sliding = sum(t == "sliding_attention" for t in types)
-        return "none" if sliding == 0 else "all" if sliding == len(types) else "some"
-    return "none"
 
 
 def adds_qk_norm(shape: DenseShape, target: str) -> bool:
@@ -197,75 +161,3 @@ def shared_expert_names(target: str, layer: int) -> dict[str, str]:
 def qk_norm_names(layer: int) -> tuple[str, str]:
     p = f"model.layers.{layer}.self_attn."
     return p + "q_norm.weight", p + "k_norm.weight"
-
-
-# Keys of a dense config that mean nothing (or something wrong) in the MoE config.
-_DROP_KEYS = {
-    "architectures", "model_type", "auto_map", "_name_or_path", "transformers_version",
-    "mlp_bias", "pretraining_tp", "torch_dtype", "dtype",
-}
-
-
-def moe_config(
-    src_cfg: dict,
-    shape: DenseShape,
-    target: str,
-    *,
-    num_experts: int,
-    top_k: int,
-    aux_loss_coef: float,
-    dtype_name: str,
-    transformers_version: str,
-) -> dict:
-    """The target's config.json: the source's settings (rope, eps, vocab, special tokens...) kept,
-    the MoE fields set, and top-k weights renormalised so naive upcycling is exact."""
-    cfg = {k: v for k, v in src_cfg.items() if k not in _DROP_KEYS}
-    cfg["architectures"] = [ARCHITECTURES[target]]
-    cfg["model_type"] = target
-    cfg["head_dim"] = shape.head_dim
-    cfg["num_key_value_heads"] = shape.kv_heads
-    cfg["tie_word_embeddings"] = shape.tied
-    cfg["router_aux_loss_coef"] = aux_loss_coef
-    cfg["output_router_logits"] = False
-    cfg["num_experts_per_tok"] = top_k
-    cfg["intermediate_size"] = shape.d_f
-    sliding = _sliding_layers(src_cfg, shape)
-    if target == "mixtral":
-        # Mixtral always renormalises the top-k routing weights.
-        cfg["num_local_experts"] = num_experts
-        cfg["router_jitter_noise"] = 0.0
-        cfg.pop("attention_bias", None)
-        cfg["sliding_window"] = src_cfg.get("sliding_window") if sliding == "all" else None
-    else:
-        cfg["num_experts"] = num_experts
-        cfg["norm_topk_prob"] = True
-        cfg["moe_intermediate_size"] = shape.d_f
-        cfg["decoder_sparse_step"] = 1
-        cfg["mlp_only_layers"] = []
-    if target == "qwen2_moe":
-        cfg["shared_expert_intermediate_size"] = shape.d_f
-        cfg["qkv_bias"] = True
-    if target == "qwen3_moe":
-        cfg["attention_bias"] = shape.qkv_bias
-        cfg["use_sliding_window"] = sliding == "all"
-        if sliding == "all":
-            cfg["sliding_window"] = src_cfg.get("sliding_window")
-        cfg.pop("layer_types", None)
-        cfg.pop("max_window_layers", None)
-    _legacy_rope_keys(cfg)
-    cfg["torch_dtype"] = dtype_name
-    cfg["transformers_version"] = transformers_version
-    return dict(sorted(cfg.items()))
-
-
-def _legacy_rope_keys(cfg: dict) -> None:
-    """transformers 5 writes RoPE settings as ``rope_parameters``; 4.x reads ``rope_theta`` and
-    ``rope_scaling`` (and would silently fall back to Mixtral's default theta of 1e6 without them).
-    Writing both keeps the checkpoint exact under either major version."""
-    rp = cfg.get("rope_parameters")
-    if not isinstance(rp, dict):
-        return
-    if "rope_theta" in rp:
-        cfg.setdefault("rope_theta", rp["rope_theta"])
-    if rp.get("rope_type", "default") != "default":
-        cfg.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})

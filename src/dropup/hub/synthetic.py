@@ -7,11 +7,11 @@ available by name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from dropup.hub.config import config_json
 from dropup.hub.names import dense_shape
 from dropup.model.presets import PAPER_SHAPES  # noqa: F401 - re-exported for benchmarks
 from dropup.hub.safetensors import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
@@ -45,5 +45,5 @@ def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16"
             t = torch.empty(spec.shape).normal_(0.0, 0.02, generator=gen)
         writer.write(spec.name, t.to(dt))
     writer.close()
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(config_json(config))
     return out

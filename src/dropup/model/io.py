@@ -15,13 +15,14 @@ import os
 import re
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from dropup.hub import names as archs
 from dropup.hub.safetensors import DenseCheckpoint
-from dropup.hub.config import ModelConfig
+from dropup.hub.config import ModelConfig, config_json
 from dropup.errors import UserError
 from dropup.model.decoder import CausalLM
 
@@ -30,7 +31,7 @@ _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\
 
 def hf_names(name: str, cfg: ModelConfig) -> str | list[str]:
     """The checkpoint name(s) of one of the model's parameters: a list for stacked experts.
-    The Hub names themselves are defined once, in ``dropup.archs`` (the converter writes them)."""
+    The Hub names themselves are defined once, in ``dropup.hub.names`` (the converter writes them)."""
     m = _EXPERT_PARAM.fullmatch(name)
     if not m:
         return name
@@ -94,7 +95,10 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     p = Path(path) / "config.json"
     if not p.exists():
         raise UserError(f"{p} not found: expected a Hugging Face checkpoint directory")
-    return ModelConfig.from_hf(json.loads(p.read_text()))
+    try:
+        return ModelConfig.from_hf(json.loads(p.read_text()), where=str(p))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from None
 
 
 def load_model(
@@ -146,9 +150,9 @@ def save_model(
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = to_hf_state_dict(sd, cfg)
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
-    hf_config = cfg.to_hf()
     saved_dtype = next(iter(tensors.values())).dtype
-    hf_config["torch_dtype" if "dtype" not in hf_config else "dtype"] = str(saved_dtype).removeprefix("torch.")
+    hf_config = cfg.to_hf(dtype=str(saved_dtype).removeprefix("torch."),
+                          transformers_version=version("transformers"))
 
     # Shard greedily in name order; one file when it fits.
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -180,7 +184,7 @@ def save_model(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
             written.append("model.safetensors.index.json")
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(config_json(hf_config))
         written.append("config.json")
         _move_into_place(tmp, path, written)
     finally:
