@@ -24,8 +24,9 @@ from dropup.model.io import load_model
 from dropup.analysis.routing import RouterStats
 from dropup.model.lm_loss import cross_entropy
 from dropup.train.losses import GlobalBatchCounts, load_balancing_loss
-from dropup.train.loop import lr_at, param_groups, train
 from dropup.train.config import PRESETS, load_config
+from dropup.train.loop import train
+from dropup.train.optim import lr_at, param_groups
 
 torch.set_num_threads(1)
 VOCAB = 64
@@ -201,6 +202,16 @@ def test_config_yaml_and_set_overrides(tmp_path, datasets):
     assert cfg.optim.warmup_steps == 4 and cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0
 
 
+def test_choice_lists_are_the_modules_own():
+    from dropup.choices import choices
+    from dropup.model.decoder import MOE_IMPLS
+    from dropup.train.config import LossSection, ModelSection
+    from dropup.train.losses import BALANCE_MODES
+
+    assert choices(LossSection, "balance_mode") == BALANCE_MODES
+    assert choices(ModelSection, "moe_impl") == MOE_IMPLS
+
+
 @pytest.mark.parametrize("over, sets, message", [
     ({"optim.lr": "fast"}, [], "optim.lr must be a number"),
     ({"model.preset": "moe-huge"}, [], "unknown model.preset"),
@@ -210,6 +221,10 @@ def test_config_yaml_and_set_overrides(tmp_path, datasets):
     ({"model.init": "/nonexistent"}, [], "set exactly one of model.init"),
     ({"data.datasets": []}, [], "data.datasets is empty"),
     ({"data.datasets": [{"path": "/nonexistent/ds"}]}, [], "meta.json not found"),
+    ({"loss.balance_mode": "global"}, [],
+     "loss.balance_mode must be one of pooled, per-layer, global-batch, not 'global'"),
+    ({}, ["precision=fp16"], "precision must be one of auto, bf16, fp32, not 'fp16'"),
+    ({"steps": None, "tokens": 100}, [], "tokens (100) is less than one global batch (8 x 32 tokens)"),
 ])  # fmt: skip
 def test_bad_config_is_one_line_exit_2(tmp_path, datasets, capsys, over, sets, message):
     path = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, datasets, **over))

@@ -20,12 +20,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from dropup.choices import literal_args
 from dropup.errors import UserError
+from dropup.model.decoder import MOE_IMPLS
 from dropup.model.presets import PRESETS
+from dropup.train.losses import BALANCE_MODES
+
+# The choice lists: a field typed with one of these accepts only its values (checked in _coerce).
+# The model and the losses own the first two; the config reads them from there.
+MoeImpl = Literal[*MOE_IMPLS]
+BalanceMode = Literal[*BALANCE_MODES]
+Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPU, fp32 on CPU
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["float32", "bfloat16"]
+
 
 @dataclass
 class ModelSection:
@@ -33,7 +45,7 @@ class ModelSection:
     preset: str | None = None  # or a from-scratch shape: one of PRESETS
     vocab_size: int | None = None  # presets only: override the preset's vocabulary
     init_std: float = 0.02  # from-scratch: every matrix N(0, init_std^2), as the paper
-    moe_impl: str = "auto"  # auto | grouped | loop
+    moe_impl: MoeImpl = "auto"
 
 
 @dataclass
@@ -65,13 +77,13 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    state_dtype: str = "float32"  # AdamW moments: float32, or bfloat16 to save 4 bytes/parameter
+    state_dtype: Dtype = "float32"  # AdamW moments: bfloat16 saves 4 bytes/parameter
 
 
 @dataclass
 class LossSection:
     aux_loss_coef: float | None = None  # None: the checkpoint's router_aux_loss_coef (paper: 0.02)
-    balance_mode: str = "pooled"  # pooled (the paper's) | per-layer | global-batch
+    balance_mode: BalanceMode = "pooled"  # pooled is the paper's
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE); 0 = off
 
 
@@ -86,19 +98,20 @@ class TrainConfig:
     tokens: int | None = None  # a token budget (rounded down to whole steps)
     out_dir: str = "runs/train"
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Precision = "auto"
+    device: Device = "auto"
     compile: bool | None = None  # per-layer torch.compile; None: on CUDA only
     log_interval: int = 10
     eval_interval: int = 500  # 0 = only at the end
     save_interval: int = 1000  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept in out_dir/ckpt
-    export_dtype: str = "float32"  # dtype of the Hugging Face export in each checkpoint
+    export_dtype: Dtype = "float32"  # dtype of the Hugging Face export in each checkpoint
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests
     progress: bool = True  # rich progress bar (on a terminal, rank 0)
 
     def validate(self) -> None:
+        _check_choices(self)
         m = self.model
         if (m.init is None) == (m.preset is None):
             raise UserError("config: set exactly one of model.init (a checkpoint) or model.preset "
@@ -107,8 +120,6 @@ class TrainConfig:
             raise UserError(f"config: unknown model.preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
         if m.init is not None and not (Path(m.init) / "config.json").exists():
             raise UserError(f"config: model.init {m.init} is not a Hugging Face checkpoint (no config.json)")
-        if m.moe_impl not in ("auto", "grouped", "loop"):
-            raise UserError(f"config: model.moe_impl must be auto, grouped or loop, not {m.moe_impl!r}")
         if not self.data.datasets:
             raise UserError("config: data.datasets is empty; list at least one prepared dataset directory")
         for d in self.data.datasets:
@@ -125,18 +136,6 @@ class TrainConfig:
         if b.micro_batch < 1 or b.global_batch < 1 or b.global_batch % b.micro_batch:
             raise UserError(f"config: batch.global_batch ({b.global_batch}) must be a positive multiple of "
                             f"batch.micro_batch ({b.micro_batch})")
-        if self.loss.balance_mode not in ("pooled", "per-layer", "global-batch"):
-            raise UserError(f"config: loss.balance_mode must be pooled, per-layer or global-batch, "
-                            f"not {self.loss.balance_mode!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"config: precision must be auto, bf16 or fp32, not {self.precision!r}")
-        if self.optim.state_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"config: optim.state_dtype must be float32 or bfloat16, not "
-                            f"{self.optim.state_dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"config: device must be auto, cpu or cuda, not {self.device!r}")
-        if self.export_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"config: export_dtype must be float32 or bfloat16, not {self.export_dtype!r}")
         for key in ("log_interval", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"config: {key} must be >= 1")
@@ -202,9 +201,30 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
+def _check_choice(tp, value: Any, where: str):
+    allowed = literal_args(tp)
+    # By type too: YAML's 1 or true must not pass for a choice "1" or "true".
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        raise UserError(f"config: {where} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    return value
+
+
+def _check_choices(obj, where: str = "") -> None:
+    """The Literal fields of a config built in code rather than read by ``_build``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{where}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            _check_choice(hints[f.name], value, where + f.name)
+
+
 def _coerce(tp, value: Any, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        return _check_choice(tp, value, where)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where + ".")
     if origin in (typing.Union, types.UnionType):

@@ -8,7 +8,11 @@ batch, next-token loss plus the load-balancing loss (coefficient 0.02) for MoE m
 Several processes (``torchrun --nproc-per-node N -m dropup train ...``) shard the model with
 FSDP2; micro-batch j of a step goes to rank j % N, so any number of processes computes the same
 global batch. A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` and
-``ckpt/step_N/`` (see ``dropup.runckpt``).
+``ckpt/step_N/`` (see ``dropup.train.checkpoints``).
+
+Reading order: ``setup`` builds a ``Run`` (data, model, ``RunPlan``, optimizer, resumed state);
+``train_step`` is one optimizer step; ``evaluate`` the validation pass; ``_train`` the outer
+loop (LR schedule, logging, the non-finite streak, checkpoints).
 """
 
 from __future__ import annotations
@@ -26,53 +30,17 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dropup.hub.config import ModelConfig
+from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
-from dropup.model.io import load_model
-from dropup.train.optim import AdamW as LowMemAdamW
-from dropup.analysis.routing import RouterStats
-from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
+from dropup.hub.config import ModelConfig
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
+from dropup.model.io import load_model
 from dropup.train.checkpoints import checkpoints, load_checkpoint, save_checkpoint
 from dropup.train.config import PRESETS, TrainConfig
-
-# ---- the recipe --------------------------------------------------------------------------------
-
-
-def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """LR of optimizer step ``step`` (0-based): linear warm-up to ``lr`` over ``warmup_steps``,
-    then cosine decay reaching ``min_lr`` at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and stacked experts); none on norms and biases (1-D tensors),
-    whose scale is not what over-fits and which decay would pull towards zero."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, device: torch.device):
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
-    if o.state_dtype == "bfloat16":  # 12 instead of 16 bytes per parameter (see dropup.optim)
-        return LowMemAdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, state_dtype=torch.bfloat16)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
-
-
-def default_lrs(cfg: TrainConfig, is_moe: bool) -> tuple[float, float]:
-    # The paper trains MoE models at 2e-4 -> 2e-5 and its dense seeds at 3e-4 -> 3e-5.
-    lr = cfg.optim.lr if cfg.optim.lr is not None else (2e-4 if is_moe else 3e-4)
-    return lr, cfg.optim.min_lr if cfg.optim.min_lr is not None else lr / 10
-
+from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
+from dropup.train.optim import build_optimizer, lr_at, param_groups  # noqa: F401  (param_groups: re-export)
+from dropup.train.plan import RunPlan, plan_run
 
 # ---- setup -------------------------------------------------------------------------------------
 
@@ -114,6 +82,17 @@ def open_data(cfg: TrainConfig) -> tuple[list[Source], dict]:
     return sources, {"vocab_size": vocab}
 
 
+def open_validation(cfg: TrainConfig, seq_len: int, micro_batch: int) -> dict[str, list[torch.Tensor]]:
+    """The fixed validation batches of each dataset that has a 'val' split (by dataset name)."""
+    val_sets = {}
+    for spec in cfg.data.datasets:
+        if "val" in TokenFile(spec.path, "train").meta["splits"]:
+            batches = validation_batches(TokenFile(spec.path, "val"), seq_len, micro_batch, cfg.data.eval_batches)
+            if batches:
+                val_sets[spec.name] = batches
+    return val_sets
+
+
 def make_model(cfg: TrainConfig, data_vocab: int) -> CausalLM:
     torch.manual_seed(cfg.seed)  # the from-scratch initialisation is a function of the seed
     m = cfg.model
@@ -144,7 +123,7 @@ def shard(model: CausalLM, d: Dist, bf16: bool) -> torch.nn.Module:
     return model
 
 
-# ---- the run -----------------------------------------------------------------------------------
+# ---- logging -----------------------------------------------------------------------------------
 
 
 class _Log:
@@ -208,6 +187,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+# ---- the run -----------------------------------------------------------------------------------
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run training as configured; returns the run directory."""
     d = setup_distributed(cfg.device)
@@ -218,7 +200,34 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
+@dataclass
+class Run:
+    """What ``setup`` builds and every step uses. ``step`` (optimizer steps done) and
+    ``bad_in_row`` are the trainer's state that a checkpoint restores besides weights and optimizer."""
+
+    cfg: TrainConfig
+    d: Dist
+    plan: RunPlan
+    model: torch.nn.Module  # sharded under FSDP2 when d.world > 1
+    mcfg: ModelConfig
+    optimizer: torch.optim.Optimizer
+    mixture: Mixture
+    val_sets: dict[str, list[torch.Tensor]]
+    run_dir: Path
+    step: int = 0
+    bad_in_row: int = 0
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.plan.bf16 else nullcontext()
+
+    def trainer_state(self) -> dict:  # a checkpoint's trainer.json
+        return {"step": self.step, "tokens": self.step * self.plan.tokens_per_step, "bad_in_row": self.bad_in_row,
+                "world_size": self.d.world, "config": self.cfg.to_dict()}
+
+
+def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
+    """Everything before the first step: data, model, plan, compile and sharding, optimizer, and
+    the latest checkpoint's state when resuming. Rank 0 writes config.yaml."""
     run_dir = Path(cfg.out_dir)
     metrics_path = run_dir / "metrics.jsonl"
     found = checkpoints(run_dir)
@@ -229,151 +238,155 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     sources, data_info = open_data(cfg)
     model = make_model(cfg, data_info["vocab_size"])
     mcfg = model.config
-    seq_len = cfg.data.seq_len or mcfg.max_position_embeddings
-    G, mb = cfg.batch.global_batch, cfg.batch.micro_batch
-    if G % (mb * d.world):
-        raise UserError(f"batch.global_batch ({G}) must be a multiple of batch.micro_batch ({mb}) times "
-                        f"the number of processes ({d.world})")
-    accum = G // (mb * d.world)
-    total_steps = cfg.steps if cfg.steps is not None else cfg.tokens // (G * seq_len)
-    if total_steps < 1:
-        raise UserError(f"tokens ({cfg.tokens}) is less than one global batch ({G} x {seq_len} tokens)")
-    mixture = Mixture(sources, seq_len, cfg.seed)
-    val_sets = {}
-    for spec in cfg.data.datasets:
-        meta_splits = TokenFile(spec.path, "train").meta["splits"]
-        if "val" in meta_splits:
-            batches = validation_batches(TokenFile(spec.path, "val"), seq_len, mb, cfg.data.eval_batches)
-            if batches:
-                val_sets[spec.name] = batches
+    plan = plan_run(cfg, mcfg, d.world, d.device.type)
+    mixture = Mixture(sources, plan.seq_len, cfg.seed)
+    val_sets = open_validation(cfg, plan.seq_len, plan.micro_batch)
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
-    if cfg.compile or (cfg.compile is None and d.device.type == "cuda"):
+    if plan.compile:
         model.compile_layers()  # before sharding, so FSDP2's per-layer hooks stay outside the graphs
     if d.world > 1:
-        model = shard(model, d, bf16)  # moves the shards to the mesh's device
+        model = shard(model, d, plan.bf16)  # moves the shards to the mesh's device
     else:
         model.to(d.device)
-    lr_max, lr_min = default_lrs(cfg, mcfg.is_moe)
-    optimizer = build_optimizer(model, cfg, lr_max, d.device)
-    aux_coef = cfg.loss.aux_loss_coef if cfg.loss.aux_loss_coef is not None else mcfg.router_aux_loss_coef
-    k, E = mcfg.num_experts_per_tok, mcfg.num_experts
+    optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
+    run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir)
 
-    step, bad_in_row = 0, 0
     if resume and found:
         state = load_checkpoint(found[-1][1], model, optimizer)
-        step, bad_in_row = state["step"], state["bad_in_row"]
+        run.step, run.bad_in_row = state["step"], state["bad_in_row"]
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _truncate_metrics(metrics_path, step)
-    log = _Log(metrics_path, total_steps, step, enabled=d.rank == 0, bar=cfg.progress)
+        _truncate_metrics(metrics_path, run.step)
+    return run
 
-    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
-    export_dtype = getattr(torch, cfg.export_dtype)
-    gb_counts = GlobalBatchCounts()
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    z_loss: float
+    grad_norm: float
+    finite: bool  # False: loss or gradient norm was NaN/inf and the update was skipped
+
+
+def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
+    """Optimizer step ``run.step + 1`` at the LR already set: this rank's micro-batches of the global
+    batch, the losses averaged over all ranks, gradient clipping, and the update unless non-finite.
+    ``stats`` (if given) collects the routing of this rank's micro-batches."""
+    cfg, plan, d, model = run.cfg, run.plan, run.d, run.model
+    k, E = run.mcfg.num_experts_per_tok, run.mcfg.num_experts
+    step_no = run.step + 1
+    z_coef = cfg.loss.z_loss_coef
+    gb_counts = GlobalBatchCounts()  # the global-batch balance loss counts this step's micro-batches only
+    sums = torch.zeros(3, device=d.device)  # lm, aux, z over this rank's micro-batches
+    for m in range(plan.accum):
+        j = m * d.world + d.rank  # the micro-batch's index within the global batch
+        batch = run.mixture.batch(run.step * plan.global_batch + j * plan.micro_batch, plan.micro_batch)
+        batch = batch.to(d.device)
+        with run.autocast():  # the loss comes chunked from the model: no full logits in memory
+            lm, router_logits = model(batch[:, :-1], return_router_logits=True, targets=batch[:, 1:])
+        aux = z = torch.zeros((), device=d.device)
+        if router_logits:
+            fractions = None
+            if cfg.loss.balance_mode == "global-batch":
+                fractions = gb_counts.fractions(router_logits, k, E)
+            aux = load_balancing_loss(router_logits, k, E, cfg.loss.balance_mode, token_fractions=fractions)
+            if z_coef:
+                z = router_z_loss(router_logits)
+            if stats is not None:
+                stats.add(router_logits, k, E)
+        loss = lm + plan.aux_coef * aux + z_coef * z
+        if step_no in cfg.inject_nan_steps and m == 0:
+            loss = loss * float("nan")  # fault injection (tests): poisons this step's gradients
+        (loss / plan.accum).backward()
+        sums += torch.stack([lm.detach(), aux.detach(), z.detach()]).float()
+    sums = d.all_reduce_sum(sums) / (plan.accum * d.world)
     params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    lm_v, aux_v, z_v = sums.tolist()  # the one host synchronisation per optimizer step
+    loss_v = lm_v + plan.aux_coef * aux_v + z_coef * z_v
+    if step_no in cfg.inject_nan_steps:
+        loss_v = float("nan")
+    norm_v = grad_norm.item()
+    finite = math.isfinite(loss_v) and math.isfinite(norm_v)
+    if finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_v, lm_v, aux_v, z_v, norm_v, finite)
 
-    def trainer_state() -> dict:
-        return {"step": step, "tokens": step * G * seq_len, "bad_in_row": bad_in_row, "world_size": d.world,
-                "config": cfg.to_dict()}
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        out = {}
-        with torch.no_grad(), autocast:
-            for name, batches in val_sets.items():
-                # Every rank runs the same number of forwards (FSDP all-gathers are collective);
-                # a rank without a batch of its own repeats one and gives it weight 0.
-                acc = torch.zeros(2, device=d.device)
-                for i in range(math.ceil(len(batches) / d.world) * d.world)[d.rank :: d.world]:
-                    batch = batches[min(i, len(batches) - 1)].to(d.device)
-                    loss = model(batch[:, :-1], targets=batch[:, 1:])
-                    if i < len(batches):
-                        acc += torch.stack([loss.float(), torch.ones((), device=d.device)])
-                acc = d.all_reduce_sum(acc)
-                out[name] = (acc[0] / acc[1]).item()
-        model.train()
-        return out
-
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean next-token loss on each dataset's validation batches, over all ranks."""
+    model, d = run.model, run.d
+    model.eval()
+    out = {}
+    with torch.no_grad(), run.autocast():
+        for name, batches in run.val_sets.items():
+            # Every rank runs the same number of forwards (FSDP all-gathers are collective);
+            # a rank without a batch of its own repeats one and gives it weight 0.
+            acc = torch.zeros(2, device=d.device)
+            for i in range(math.ceil(len(batches) / d.world) * d.world)[d.rank :: d.world]:
+                batch = batches[min(i, len(batches) - 1)].to(d.device)
+                loss = model(batch[:, :-1], targets=batch[:, 1:])
+                if i < len(batches):
+                    acc += torch.stack([loss.float(), torch.ones((), device=d.device)])
+            acc = d.all_reduce_sum(acc)
+            out[name] = (acc[0] / acc[1]).item()
     model.train()
+    return out
+
+
+def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
+    run = setup(cfg, resume, d)
+    plan = run.plan
+    log = _Log(run.run_dir / "metrics.jsonl", plan.total_steps, run.step, enabled=d.rank == 0, bar=cfg.progress)
+    export_dtype = getattr(torch, cfg.export_dtype)
+    run.model.train()
     window_time, window_steps = 0.0, 0
     try:
-        while step < total_steps:
+        while run.step < plan.total_steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, lr_max, lr_min, cfg.optim.warmup_steps)
-            for group in optimizer.param_groups:
+            lr = lr_at(run.step, plan.total_steps, plan.lr_max, plan.lr_min, cfg.optim.warmup_steps)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            step_no = step + 1  # 1-based in logs and checkpoint names
-            eval_now = bool(val_sets) and (step_no == total_steps or (cfg.eval_interval > 0 and
-                                                                      step_no % cfg.eval_interval == 0))
-            log_now = step_no % cfg.log_interval == 0 or step_no == total_steps or eval_now
-            stats = RouterStats() if (log_now and mcfg.is_moe) else None
-            gb_counts.reset()
-            sums = torch.zeros(3, device=d.device)  # lm, aux, z over this rank's micro-batches
-            for m in range(accum):
-                j = m * d.world + d.rank  # the micro-batch's index within the global batch
-                batch = mixture.batch(step * G + j * mb, mb).to(d.device)
-                with autocast:  # the loss comes chunked from the model: no full logits in memory
-                    lm, router_logits = model(batch[:, :-1], return_router_logits=True,
-                                              targets=batch[:, 1:])
-                aux = z = torch.zeros((), device=d.device)
-                if router_logits:
-                    fractions = None
-                    if cfg.loss.balance_mode == "global-batch":
-                        fractions = gb_counts.fractions(router_logits, k, E)
-                    aux = load_balancing_loss(router_logits, k, E, cfg.loss.balance_mode, token_fractions=fractions)
-                    if cfg.loss.z_loss_coef:
-                        z = router_z_loss(router_logits)
-                    if stats is not None:
-                        stats.add(router_logits, k, E)
-                loss = lm + aux_coef * aux + cfg.loss.z_loss_coef * z
-                if step_no in cfg.inject_nan_steps and m == 0:
-                    loss = loss * float("nan")  # fault injection (tests): poisons this step's gradients
-                (loss / accum).backward()
-                sums += torch.stack([lm.detach(), aux.detach(), z.detach()]).float()
-            sums = d.all_reduce_sum(sums) / (accum * d.world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            lm_v, aux_v, z_v = sums.tolist()  # the one host synchronisation per optimizer step
-            loss_v = lm_v + aux_coef * aux_v + cfg.loss.z_loss_coef * z_v
-            if step_no in cfg.inject_nan_steps:
-                loss_v = float("nan")
-            norm_v = grad_norm.item()
-            finite = math.isfinite(loss_v) and math.isfinite(norm_v)
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            step = step_no
+            step_no = run.step + 1  # 1-based in logs and checkpoint names
+            eval_now = bool(run.val_sets) and (step_no == plan.total_steps or (cfg.eval_interval > 0 and
+                                                                               step_no % cfg.eval_interval == 0))
+            log_now = step_no % cfg.log_interval == 0 or step_no == plan.total_steps or eval_now
+            stats = RouterStats() if (log_now and run.mcfg.is_moe) else None
+            out = train_step(run, stats)
+            run.step = step_no
+            run.bad_in_row = 0 if out.finite else run.bad_in_row + 1
             window_time += time.perf_counter() - t0
             window_steps += 1
-            log.tick(step)
+            log.tick(run.step)
 
-            if log_now or not finite:
-                record = {"step": step, "tokens": step * G * seq_len, "lr": lr, "loss": loss_v, "lm_loss": lm_v,
-                          "aux_loss": aux_v, "grad_norm": norm_v,
-                          "tokens_per_s": window_steps * G * seq_len / window_time if window_time else None}
+            if log_now or not out.finite:
+                record = {"step": run.step, "tokens": run.step * plan.tokens_per_step, "lr": lr, "loss": out.loss,
+                          "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm,
+                          "tokens_per_s": window_steps * plan.tokens_per_step / window_time if window_time else None}
                 if cfg.loss.z_loss_coef:
-                    record["z_loss"] = z_v
-                if not finite:
+                    record["z_loss"] = out.z_loss
+                if not out.finite:
                     record["skipped"] = True
                 if stats is not None:
                     record.update(stats.reduce() or {})
                 if eval_now:
-                    record["val_loss"] = evaluate()
+                    record["val_loss"] = evaluate(run)
                 log.write(record)
                 window_time, window_steps = 0.0, 0
-            if bad_in_row >= cfg.max_bad_steps:
-                last = checkpoints(run_dir)
+            if run.bad_in_row >= cfg.max_bad_steps:
+                last = checkpoints(run.run_dir)
                 where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
-                raise UserError(f"stopped at step {step}: {bad_in_row} steps in a row had a non-finite loss or "
-                                f"gradient norm; {where}. Lower optim.lr or check the data")
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step == total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, trainer_state(), export_dtype, cfg.keep_last)
+                raise UserError(f"stopped at step {run.step}: {run.bad_in_row} steps in a row had a non-finite "
+                                f"loss or gradient norm; {where}. Lower optim.lr or check the data")
+            if (cfg.save_interval and run.step % cfg.save_interval == 0) or run.step == plan.total_steps:
+                save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.trainer_state(), export_dtype,
+                                cfg.keep_last)
     finally:
         log.close()
-    return run_dir
+    return run.run_dir

@@ -1,6 +1,8 @@
-"""AdamW whose moment estimates can be stored in bf16: the memory lever for large MoE models.
+"""The optimizer side of the training recipe: AdamW (optionally with bf16 moments), weight decay
+on matrices only, and the learning-rate schedule.
 
-With fp32 master weights, AdamW keeps 16 bytes per parameter (weight, gradient, two moments);
+Storing AdamW's moment estimates in bf16 is the memory lever for large MoE models. With fp32
+master weights, AdamW keeps 16 bytes per parameter (weight, gradient, two moments);
 for the paper's 8x1.5B (8.96 B parameters) that is 143 GB, more than one H200 holds. Storing
 the two moments in bf16 brings it to 12 bytes (107 GB). The update itself is computed in fp32
 from the widened moments, one tensor at a time, so the only loss is the rounding of the stored
@@ -11,7 +13,13 @@ Hutter 2019) and matches ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from dropup.train.config import OptimSection
 
 
 class AdamW(torch.optim.Optimizer):
@@ -54,3 +62,30 @@ class AdamW(torch.optim.Optimizer):
                 del grad, m, v, denom
         return loss
 
+
+
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """LR of optimizer step ``step`` (0-based): linear warm-up to ``lr`` over ``warmup_steps``,
+    then cosine decay reaching ``min_lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and stacked experts); none on norms and biases (1-D tensors),
+    whose scale is not what over-fits and which decay would pull towards zero."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimSection, lr: float, device_type: str) -> torch.optim.Optimizer:
+    groups = param_groups(model, o.weight_decay)
+    if o.state_dtype == "bfloat16":  # 12 instead of 16 bytes per parameter (see AdamW above)
+        return AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, state_dtype=torch.bfloat16)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=device_type == "cuda")
