@@ -2,7 +2,8 @@
 
 It covers the architectures the converter reads and writes -- dense ``llama``, ``mistral``,
 ``qwen2``, ``qwen3`` and MoE ``mixtral``, ``qwen2_moe``, ``qwen3_moe``. The config lives in
-``dropup.config``, checkpoint I/O in ``dropup.hf_io``, the losses in ``dropup.losses``.
+``dropup.hub.config``, checkpoint I/O in ``dropup.model.io``, the LM loss in
+``dropup.model.lm_loss``, the router losses in ``dropup.train.losses``.
 
 Reading order: ``RMSNorm``, ``RotaryEmbedding``, ``Attention``, ``FeedForward``, ``MoE``,
 ``DecoderLayer``, ``CausalLM``.
@@ -18,7 +19,6 @@ one grouped GEMM serves all experts; only the checkpoint I/O knows the per-exper
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -229,15 +229,19 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer's output; its router logits [N, E] are appended to ``router_logits`` when a
+        list is given (the losses and statistics of training read them)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
+        if router_logits is not None:
+            router_logits.append(logits)
         out = self.run_experts(x, weights, ids)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x).float())
             out = (out.float() + gate * self.shared_expert(x).float()).to(x.dtype)
-        return out.reshape(shape), logits
+        return out.reshape(shape)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         n, k, e = x.shape[0], self.top_k, self.num_experts
@@ -299,15 +303,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.is_moe_layer(i)
+        self.mlp = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, router_logits: list[torch.Tensor]):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        h = self.mlp(self.post_attention_layernorm(x))
-        if isinstance(h, tuple):
-            h, router_logits = h
-            return x + h, router_logits
-        return x + h, None
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, router_logits) if self.is_moe else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -362,11 +364,9 @@ class CausalLM(nn.Module):
         windows = {layer.sliding_window for layer in self.model.layers}
         masks = {w: _sliding_mask(t, w, input_ids.device) for w in windows}
         x = self.model.embed_tokens(input_ids)
-        router_logits = []
+        router_logits: list[torch.Tensor] = []  # each MoE layer appends its own, in layer order
         for layer in self.model.layers:
-            x, r = layer(x, cos, sin, masks[layer.sliding_window])
-            if r is not None:
-                router_logits.append(r)
+            x = layer(x, cos, sin, masks[layer.sliding_window], router_logits)
         return self.model.norm(x), router_logits
 
     @property
@@ -398,12 +398,6 @@ class CausalLM(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, std)
-
-    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        from dropup.model.io import save_model  # hf_io imports this module
-
-        save_model(self, path, **kwargs)
-
 
 def _sliding_mask(t: int, window: int | None, device) -> torch.Tensor | None:
     # A window at least as long as the sequence is plain causal attention: keep the fast path.
