@@ -35,16 +35,17 @@ def _token_entropy(router_logits: torch.Tensor) -> torch.Tensor:
 
 
 def router_metrics(router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> dict[str, torch.Tensor]:
-    """Per-layer diagnostics for logging: load fractions [L, E] (sum to 1), max/min load ratio
+    """Per-layer diagnostics of one batch: load fractions [L, E] (sum to 1), max/min load ratio
     [L] (inf when an expert got nothing) and mean router entropy in nats [L]."""
-    with torch.no_grad():
-        counts = expert_counts(router_logits, top_k, num_experts)
-        load = counts / counts.sum(-1, keepdim=True)
-        ratio = load.max(-1).values / load.min(-1).values
-        entropy = torch.stack(
-            [_token_entropy(r).mean() for r in router_logits]
-        )
-    return {"load": load, "max_min_ratio": ratio, "entropy": entropy}
+    stats = RouterStats()
+    stats.add(router_logits, top_k, num_experts)
+    return _summary(stats.counts, stats.entropy_sum, stats.tokens)
+
+
+def _summary(counts: torch.Tensor, entropy_sum: torch.Tensor, tokens) -> dict[str, torch.Tensor]:
+    load = counts / counts.sum(-1, keepdim=True)
+    return {"load": load, "max_min_ratio": load.max(-1).values / load.min(-1).values,
+            "entropy": entropy_sum / tokens}
 
 
 class RouterStats:
@@ -73,12 +74,9 @@ class RouterStats:
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(buf, group=group)
         n_layers, e = self.counts.shape
-        counts = buf[: n_layers * e].view(n_layers, e)
-        entropy = buf[n_layers * e : n_layers * e + n_layers] / buf[-1]
-        load = counts / counts.sum(-1, keepdim=True)
-        ratio = load.max(-1).values / load.min(-1).values
+        m = _summary(buf[: n_layers * e].view(n_layers, e), buf[n_layers * e : n_layers * e + n_layers], buf[-1])
         return {
-            "router_load": [[round(x, 5) for x in row] for row in load.tolist()],
-            "router_max_min_ratio": [round(x, 4) if x != float("inf") else None for x in ratio.tolist()],
-            "router_entropy": [round(x, 5) for x in entropy.tolist()],
+            "router_load": [[round(x, 5) for x in row] for row in m["load"].tolist()],
+            "router_max_min_ratio": [round(x, 4) if x != float("inf") else None for x in m["max_min_ratio"].tolist()],
+            "router_entropy": [round(x, 5) for x in m["entropy"].tolist()],
         }
