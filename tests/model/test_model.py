@@ -16,7 +16,7 @@ from dropup.hub.config import ModelConfig  # noqa: E402
 from dropup.model.io import load_model, save_model  # noqa: E402
 from dropup.analysis.routing import router_metrics  # noqa: E402
 from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
-from dropup.model.decoder import MoE  # noqa: E402
+from dropup.model.decoder import MoE, RouterLogits  # noqa: E402
 
 torch.set_num_threads(1)
 SEQ = 24  # longer than the sliding windows and the dynamic-RoPE max_position_embeddings below
@@ -274,9 +274,9 @@ def test_grouped_and_loop_moe_agree(shared):
         moe.impl = impl
         moe.zero_grad()
         xi = x.clone().requires_grad_()
-        recorded = []
-        out = moe(xi, recorded)
-        (logits,) = recorded
+        recorder = RouterLogits()
+        out = moe(xi, recorder)
+        (logits,) = recorder.logits
         ((out * up).sum() + logits.pow(2).sum()).backward()
         results[impl] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters()})
     (o1, gx1, g1), (o2, gx2, g2) = results["loop"], results["grouped"]

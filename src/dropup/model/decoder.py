@@ -229,14 +229,14 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
 
-    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The layer's output; its router logits [N, E] are appended to ``router_logits`` when a
-        list is given (the losses and statistics of training read them)."""
+    def forward(self, x: torch.Tensor, recorder: RouterLogits | None = None) -> torch.Tensor:
+        """The layer's output; its router logits [N, E] go to ``recorder`` when one is given
+        (the losses and statistics of training read them)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
-        if router_logits is not None:
-            router_logits.append(logits)
+        if recorder is not None:
+            recorder.add(logits)
         out = self.run_experts(x, weights, ids)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x).float())
@@ -296,6 +296,20 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
+class RouterLogits:
+    """The router logits of one forward pass, one tensor per MoE layer in layer order.
+
+    An object, not a plain list, because FSDP2 (and other wrappers) rebuild list arguments of a
+    module's forward to cast the tensors inside them; appends to such a copy would be lost.
+    """
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor) -> None:
+        self.logits.append(logits)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
@@ -306,10 +320,10 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(i)
         self.mlp = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, router_logits: list[torch.Tensor]):
+    def forward(self, x, cos, sin, mask, recorder: RouterLogits):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_logits) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, recorder) if self.is_moe else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -364,10 +378,10 @@ class CausalLM(nn.Module):
         windows = {layer.sliding_window for layer in self.model.layers}
         masks = {w: _sliding_mask(t, w, input_ids.device) for w in windows}
         x = self.model.embed_tokens(input_ids)
-        router_logits: list[torch.Tensor] = []  # each MoE layer appends its own, in layer order
+        recorder = RouterLogits()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks[layer.sliding_window], router_logits)
-        return self.model.norm(x), router_logits
+            x = layer(x, cos, sin, masks[layer.sliding_window], recorder)
+        return self.model.norm(x), recorder.logits
 
     @property
     def output_weight(self) -> torch.Tensor:
