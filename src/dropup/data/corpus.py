@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dropup.errors import UserError
+from dropup.hub.atomic import atomic_dir
 
 DOMAINS = ("code", "prose", "c")
 _SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "dist-packages"}
@@ -214,18 +214,11 @@ def build_corpus(opts: CorpusOptions) -> dict:
         raise UserError(f"unknown domain {unknown[0]!r}; choose from {', '.join(DOMAINS)}")
     if opts.max_mb < 0:
         raise UserError("--max-mb must be >= 0")
-    out = Path(opts.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} is not empty; choose a new one or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     cap = int(opts.max_mb * 1e6) if opts.max_mb else None
     seen: set[bytes] = set()  # content hashes over every domain
     manifest = {"format": "dropup-corpus", "version": 1, "seed": opts.seed, "max_mb": opts.max_mb,
                 "min_chars": opts.min_chars, "max_file_kb": opts.max_file_kb, "domains": {}}
-    try:
+    with atomic_dir(opts.out, label="output directory", advice="choose a new one or remove it") as tmp:
         for domain in opts.domains:
             paths = _candidates(domain)
             docs, size, dups, unreadable = [], 0, 0, 0
@@ -252,17 +245,9 @@ def build_corpus(opts: CorpusOptions) -> dict:
                 "file": f"{domain}.jsonl", "docs": len(docs), "bytes": size, "candidates": len(paths),
                 "duplicates_dropped": dups, "unreadable_or_too_large": unreadable,
                 "capped": cap is not None and size >= cap, "documents": docs}
+        if not any(m["docs"] for m in manifest["domains"].values()):
+            raise UserError("no text found for any domain on this machine")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    found = [d for d, m in manifest["domains"].items() if m["docs"]]
-    if not found:
-        shutil.rmtree(out)
-        raise UserError("no text found for any domain on this machine")
     return manifest
 
 

@@ -6,7 +6,7 @@ assigns each document to train or val and streams the tokens to disk. At most tw
 flight, so memory does not grow with the corpus.
 
 The output directory is assembled in a hidden temporary directory beside it and renamed into place
-at the end; any failure removes it, so OUT is either complete or absent.
+at the end (``hub.atomic``); any failure removes it, so OUT is either complete or absent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import heapq
 import itertools
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dropup.data.tokens import TokenWriter, token_dtype
+from dropup.hub.atomic import atomic_dir
 from dropup.errors import UserError
 from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
 
@@ -309,49 +309,42 @@ def prepare(opts: PrepareOptions) -> dict:
     """Run the pipeline; returns meta.json's contents."""
     opts.validate()
     out = Path(opts.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} is not empty; choose a new one or remove it")
-    files = discover(opts.inputs, opts.globs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    progress = _Progress(opts.progress)
-    t0 = time.perf_counter()
-    try:
-        if opts.tokenizer == "train":
-            progress.update(0, 0, "sampling text for the tokenizer")
-            fresh = [replace(f) for f in files]
-            sample = sample_documents(fresh, opts.read_options(), int(opts.tokenizer_sample_mb * 2**20), opts.seed)
-            if not sample:
-                raise UserError(_empty_message(fresh))
-            progress.update(0, 0, f"training a {opts.vocab_size}-token BPE")
-            tok = train_tokenizer(sample, opts.vocab_size, tmp / "tokenizer")
-            del sample
-        else:
-            tok = load_tokenizer(opts.tokenizer)
-            tok.hf.save_pretrained(str(tmp / "tokenizer"))
-        dtype = token_dtype(tok.vocab_size).name if opts.dtype == "auto" else opts.dtype
-        _check_dtype(tok.vocab_size, dtype)
-        with TokenWriter(tmp, tok.vocab_size, tok.eos_id, dtype=dtype) as writer:
-            _tokenize_into(writer, tok, files, opts, progress)
-            totals = Totals.of(files)
-            if totals.docs == 0:
-                raise UserError(_empty_message(files))
-            if writer.count("train")[1] == 0:
-                raise UserError(f"all {totals.docs} documents went to the val split; lower --val-fraction")
-            writer.meta.update(_meta(opts, tok, tmp, totals, time.perf_counter() - t0))
-        progress.close()
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    except BaseException:
-        progress.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out, label="output directory", advice="choose a new one or remove it") as tmp:
+        files = discover(opts.inputs, opts.globs)
+        progress = _Progress(opts.progress)
+        try:
+            _prepare_into(tmp, files, opts, progress)
+        finally:
+            progress.close()
     from dropup.data.tokens import read_meta
 
     return read_meta(out)
+
+
+def _prepare_into(tmp: Path, files: list[InputFile], opts: PrepareOptions, progress: _Progress) -> None:
+    t0 = time.perf_counter()
+    if opts.tokenizer == "train":
+        progress.update(0, 0, "sampling text for the tokenizer")
+        fresh = [replace(f) for f in files]
+        sample = sample_documents(fresh, opts.read_options(), int(opts.tokenizer_sample_mb * 2**20), opts.seed)
+        if not sample:
+            raise UserError(_empty_message(fresh))
+        progress.update(0, 0, f"training a {opts.vocab_size}-token BPE")
+        tok = train_tokenizer(sample, opts.vocab_size, tmp / "tokenizer")
+        del sample
+    else:
+        tok = load_tokenizer(opts.tokenizer)
+        tok.hf.save_pretrained(str(tmp / "tokenizer"))
+    dtype = token_dtype(tok.vocab_size).name if opts.dtype == "auto" else opts.dtype
+    _check_dtype(tok.vocab_size, dtype)
+    with TokenWriter(tmp, tok.vocab_size, tok.eos_id, dtype=dtype) as writer:
+        _tokenize_into(writer, tok, files, opts, progress)
+        totals = Totals.of(files)
+        if totals.docs == 0:
+            raise UserError(_empty_message(files))
+        if writer.count("train")[1] == 0:
+            raise UserError(f"all {totals.docs} documents went to the val split; lower --val-fraction")
+        writer.meta.update(_meta(opts, tok, tmp, totals, time.perf_counter() - t0))
 
 
 def _empty_message(files: list[InputFile]) -> str:

@@ -13,8 +13,8 @@ A checkpoint is assembled in ``ckpt/.step_N.tmp`` and renamed into place when co
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shutil
 import warnings
@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from dropup.hub.atomic import atomic_dir
 from dropup.model.io import save_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -61,28 +62,27 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
                     export_dtype: torch.dtype, keep_last: int) -> Path:
     """Write checkpoint ``step`` (collective: every rank calls it) and prune old ones."""
     root = Path(run_dir) / "ckpt"
-    final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
+    final, tmp_name = root / f"step_{step}", f".step_{step}.tmp"
+    # Rank 0 owns the directory (a re-run of the same step after a resume replaces it); every
+    # rank writes its part of state/ into it, so its name is one they all know.
+    with (atomic_dir(final, existing="replace", tmp_name=tmp_name) if _rank() == 0
+          else contextlib.nullcontext(root / tmp_name)) as tmp:
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # DCP warns that one process means no collectives: intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
+                     no_dist=not dist.is_initialized())
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng_{_rank()}.pt")
+        # Gathers the full (unsharded) model onto rank 0's CPU: collective.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if _rank() == 0:
+            save_model(model, tmp / "model", state_dict=full, dtype=export_dtype)
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # DCP warns that one process means no collectives: intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
-                 no_dist=not dist.is_initialized())
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_{_rank()}.pt")
-    # Gathers the full (unsharded) model onto rank 0's CPU: collective.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:
-        save_model(model, tmp / "model", state_dict=full, dtype=export_dtype)
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-        if final.exists():  # a re-run of the same step after a resume
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         for _, old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -1,0 +1,81 @@
+"""Output directories that appear whole or not at all.
+
+Everything dropup writes as a directory (converted checkpoints, exported models, training
+checkpoints, datasets, the corpus) is assembled in a hidden temporary directory beside its final
+path and moved into place only once complete. On any failure, Ctrl-C included, the temporary is
+removed and the final path is left as it was; a process killed outright leaves only a
+dot-directory, never something that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from dropup.errors import UserError
+
+Existing = Literal["refuse", "replace", "merge"]
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, existing: Existing = "refuse", label: str = "OUT",
+               advice: str = "choose another path", tmp_name: str | None = None,
+               stale: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``out``; on success it becomes ``out``.
+
+    ``existing`` says what happens when ``out`` already holds something:
+
+    - ``refuse``: a non-empty ``out`` is an error, ``{label} {out} is not empty; {advice}``,
+      raised before anything is written (an empty directory is replaced);
+    - ``replace``: the new directory takes the old one's place whole; the old one is removed only
+      once the new one is in place;
+    - ``merge``: the new files are moved in one by one over their namesakes and the other files
+      stay (an exported model beside its tokenizer). Files of ``out`` matching the glob ``stale``
+      that the new directory lacks are removed (the previous weights' other shards), and the new
+      files matching it move in before the rest (weights before config.json).
+
+    The temporary is ``.{out.name}.dropup-tmp-{pid}`` unless ``tmp_name`` names it (callers in
+    several processes need a name they all know). An ``out`` that is not a directory is refused
+    whatever ``existing`` says.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{label} {out} exists and is not a directory; choose another path")
+    if existing == "refuse" and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{label} {out} is not empty; {advice}")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the parent directory of {label}, {parent} ({e.strerror})") from None
+    tmp = parent / (tmp_name or f".{out.name}.dropup-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not out.exists():
+            tmp.rename(out)
+        elif existing == "merge":
+            _merge(tmp, out, stale)
+        else:
+            old = parent / f".{out.name}.dropup-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+
+
+def _merge(tmp: Path, out: Path, stale: str | None) -> None:
+    new = sorted(p.name for p in tmp.iterdir())
+    owned = {p.name for p in tmp.glob(stale)} if stale else set()
+    if stale:
+        for old in out.glob(stale):
+            if old.name not in owned:
+                old.unlink()
+    for name in sorted(new, key=lambda n: n not in owned):
+        os.replace(tmp / name, out / name)
