@@ -1,24 +1,17 @@
 """`dropup upcycle`: build an MoE checkpoint from dense checkpoint(s) by one of the paper's methods.
 
-Methods (Nakamura et al., "Drop-Upcycling", ICLR 2025, and the baselines it compares):
-  drop     copy the dense FFN into every expert, then re-draw a fraction r of each expert's
-           intermediate neurons from N(mean, std^2) of the original weights (Drop-Upcycling)
-  naive    copy the dense FFN into every expert (Komatsuzaki et al., "Sparse Upcycling", 2023)
-  noise    naive, then add N(0, noise_std^2) to a fraction r of the neurons (Random Noise Upcycling)
-  scratch  the target architecture drawn from N(0, 0.02^2), norms at one (From Scratch)
-  btx      one dense source per group of experts, non-FFN tensors averaged
-           (Sukhbaatar et al., "Branch-Train-MiX", 2024)
-
-Every output tensor is produced by a small function of (seed, layer, expert, matrix) and the
-source weights, planned before anything is written, then computed by a pool of threads and
-streamed to disk in plan order.
+The methods (Drop-Upcycling, naive, random-noise, from scratch, Branch-Train-MiX) are entries of
+``methods.METHODS``; this module is what they share. Every output tensor is produced by a small
+function of (seed, layer, expert, matrix) and the source weights, planned before anything is
+written, then computed by a pool of threads and streamed to disk in plan order.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
-import math
 import os
 import sys
 import threading
@@ -27,71 +20,57 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from dropup.hub import names as archs
+from dropup.choices import check_choices
 from dropup.convert import surgery
+from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction, non_ffn_tensor,
+                                    shared_expert_matrix)
+from dropup.errors import UserError
+from dropup.hub import names as archs
+from dropup.hub.atomic import atomic_dir
+from dropup.hub.config import config_json, dense_to_moe
 from dropup.hub.safetensors import (
-    ALIGN,
     DTYPE_NAMES,
     DenseCheckpoint,
     ShardedWriter,
     TensorSpec,
-    aligned_empty,
-    placed,
-    atomic_output_dir,
     check_free_space,
     parse_size,
 )
-from dropup.errors import UserError
-from dropup.hub.config import config_json, dense_to_moe
-
-METHODS = ("drop", "naive", "noise", "scratch", "btx")
 
 
 @dataclass
 class UpcycleOptions:
-    method: str = "drop"
+    method: MethodName = "drop"
     ratio: float = 0.5
     num_experts: int = 8
     top_k: int = 2
     seed: int = 0
-    index_sampling: str = "shared"  # shared | per-matrix
-    reinit_stats: str = "slice"  # slice | matrix
+    # shared: one neuron set per expert for gate, up and down; per-matrix: one set per matrix
+    index_sampling: Literal["shared", "per-matrix"] = "shared"
+    reinit_stats: Literal["slice", "matrix"] = "slice"  # moments of the replaced slice or whole matrix
     noise_std: float = 0.02
-    router_init: str = "uniform"  # uniform | normal | zeros
+    router_init: Literal["uniform", "normal", "zeros"] = "uniform"
     router_std: float = 0.02
     init_std: float = 0.02  # scratch
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
-    target: str = "auto"
+    target: Literal["auto", *archs.TARGET_TYPES] = "auto"
     aux_loss_coef: float = 0.02
-    dtype: str = "auto"
+    dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
     overwrite: bool = False
     verify: bool = False
     threads: int = 0  # 0: one per core, at most 8
     progress: bool = True
 
-    @property
-    def copies_experts(self) -> bool:
-        """Every expert is a plain copy of a dense FFN: naive, btx, or drop / noise at r = 0."""
-        return self.method in ("naive", "btx") or (
-            self.method in ("drop", "noise") and self.ratio == 0.0)
-
     def validate(self) -> None:
-        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                raise UserError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
-
-        choice("method", self.method, METHODS)
-        choice("index-sampling", self.index_sampling, ("shared", "per-matrix"))
-        choice("reinit-stats", self.reinit_stats, ("slice", "matrix"))
-        choice("router-init", self.router_init, ("uniform", "normal", "zeros"))
-        choice("dtype", self.dtype, ("auto", *DTYPE_NAMES))
-        choice("target", self.target, ("auto", *archs.TARGET_TYPES))
+        check_choices(self)
         if not 0.0 <= self.ratio <= 1.0:
             raise UserError(f"--ratio {self.ratio} is outside [0, 1]; 0.5 is the paper's choice")
         if self.num_experts < 2:
@@ -101,70 +80,48 @@ class UpcycleOptions:
         for name in ("noise_std", "router_std", "init_std"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative")
-        if self.sources and self.method != "btx":
-            raise UserError("--sources is only used with --method btx")
+        takes_sources = METHODS[self.method].sources
+        if self.sources and not takes_sources:
+            raise UserError("--sources is only used with --method "
+                            + " or ".join(n for n, m in METHODS.items() if m.sources))
+        if takes_sources and not self.sources:
+            raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
+                            "models trained further from SRC")
         parse_size(self.max_shard_size)
 
 
-class _BufferPool:
-    """Output tensors handed back once written, so the next expert reuses their memory.
-
-    Gigabytes of expert weights stream through a handful of buffers; allocating each one fresh
-    costs a page fault per 4 KiB and fragments the allocator (more system time and RSS than the
-    arithmetic itself). Each buffer is placed at the address phase (modulo ``ALIGN``) of its
-    tensor's file offset, which is what lets the writer send it to disk with direct I/O.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._raw: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its storage
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        with self._lock:
-            free = self._free.get(nbytes)
-            raw = free.pop() if free else torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-            view = placed(raw, shape, dtype, phase)
-            self._raw[view.data_ptr()] = raw
-            return view
-
-    def give(self, t: torch.Tensor) -> None:
-        with self._lock:
-            raw = self._raw.pop(t.data_ptr(), None)
-            if raw is not None:
-                self._free.setdefault(raw.numel() - ALIGN, []).append(raw)
-
-
 @dataclass
-class _Ctx:
-    """Everything a tensor producer needs, shared read-only by the worker threads."""
+class Context:
+    """Everything a tensor producer needs, shared by the worker threads."""
 
     opts: UpcycleOptions
+    method: Method
     shape: archs.DenseShape
     target: str
     out_dtype: torch.dtype
     sources: list[DenseCheckpoint]
-    record: dict  # provenance, filled by producers
-    buffers: _BufferPool = field(default_factory=_BufferPool)
-    phase: dict[str, int] = field(default_factory=dict)  # the writer's, set once it exists
+    experts: dict[tuple[int, int], dict] = field(default_factory=dict)  # provenance per expert
+    checksums: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, tensor) -> sha
+    writer: ShardedWriter | None = None  # set once the plan is known
+    cache: _FFNCache = field(init=False)
     _local: threading.local = field(default_factory=threading.local)
+
+    def __post_init__(self) -> None:
+        self.experts = {(layer, e): {} for layer in range(self.shape.layers)
+                        for e in range(self.opts.num_experts)}
+        self.cache = _FFNCache(self)
+
+    def read(self, source: int, name: str) -> torch.Tensor:
+        """Tensor ``name`` of source ``source``; its checksum goes into the provenance."""
+        ck = self.sources[source]
+        tensor = ck.get(name)
+        self.checksums[(str(ck.path), name)] = _checksum(tensor)
+        return tensor
 
     def scratch(self) -> surgery.Scratch:
         if not hasattr(self._local, "scratch"):
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
-
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A pooled output buffer for tensor ``name``, placed for direct I/O."""
-        return self.buffers.take(tuple(shape), self.out_dtype, self.phase.get(name, 0))
-
-    def cast(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        """Expert ``name`` copied from ``t``: ``t`` itself when its dtype and placement already
-        suit the writer, else a pooled copy (a memcpy here costs less than a buffered write)."""
-        if t.dtype == self.out_dtype and (t.data_ptr() - self.phase.get(name, 0)) % ALIGN == 0:
-            return t
-        return self.take(name, tuple(t.shape)).copy_(t)
 
 
 class _FFNCache:
@@ -174,12 +131,8 @@ class _FFNCache:
     older layers' entries (and their locks) are dropped to keep memory bounded.
     """
 
-    def __init__(self, sources: list[DenseCheckpoint], shape: archs.DenseShape, checksums: dict,
-                 page_aligned: bool = False):
-        self.sources, self.shape, self.checksums = sources, shape, checksums
-        # Experts that are plain copies (naive, btx) are written straight from these tensors,
-        # which direct I/O can do only from page-aligned memory.
-        self.page_aligned = page_aligned
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
         self._lock = threading.Lock()
         self._loaded: dict[tuple, object] = {}
         self._locks: dict[tuple, threading.Lock] = {}
@@ -192,11 +145,13 @@ class _FFNCache:
             self.get(source, layer, matrix), matrix))
 
     def _read(self, source: int, layer: int, matrix: str) -> torch.Tensor:
-        ck, name = self.sources[source], self.shape.ffn_name(layer, matrix)
-        tensor = ck.get(name)
-        self.checksums[(str(ck.path), name)] = _checksum(tensor)
-        if self.page_aligned:
-            tensor = aligned_empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
+        ctx = self.ctx
+        tensor = ctx.read(source, ctx.shape.ffn_name(layer, matrix))
+        if ctx.method.copies(ctx.opts.ratio):
+            # Experts that are plain copies are written straight from this tensor, as many times
+            # as there are experts. The experts of a layer are placed alike wherever their size
+            # is a multiple of a page; where they are not, the writer copies.
+            tensor = ctx.writer.stage(archs.expert_name(ctx.target, layer, 0, matrix), tensor)
         return tensor
 
     def _once(self, key: tuple, make: Callable):
@@ -233,152 +188,61 @@ def _check_source(ck: DenseCheckpoint, shape: archs.DenseShape, need_ffn: bool) 
               f"{shape.model_type} model and are not copied (first: {extra[0]})", file=sys.stderr)
 
 
-def _index_sets(ctx: _Ctx, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """The neurons each FFN matrix of one expert re-initialises (drop) or perturbs (noise)."""
-    o, d_f = ctx.opts, ctx.shape.d_f
-    if o.index_sampling == "shared":
-        idx = surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert))
-        return {m: idx for m in surgery.FFN_MATRICES}
-    return {m: surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert, m))
-            for m in surgery.FFN_MATRICES}
-
-
-def _expert_producer(ctx: _Ctx, cache: _FFNCache, layer: int, expert: int, matrix: str) -> Callable:
-    o = ctx.opts
-    name = archs.expert_name(ctx.target, layer, expert, matrix)
-
-    def produce() -> torch.Tensor:
-        if o.method == "scratch":
-            shape = ctx.shape.ffn_shape(matrix)
-            key = surgery.derive_seed(o.seed, "scratch", layer, expert, matrix)
-            return surgery.scratch_weight(shape, o.init_std, key, ctx.out_dtype)
-        if o.method == "btx":
-            src = surgery.btx_source_of_expert(expert, o.num_experts, len(ctx.sources))
-            return ctx.cast(cache.get(src, layer, matrix), name)
-        dense = cache.get(0, layer, matrix)
-        if o.copies_experts:
-            return ctx.cast(dense, name)
-        idx = _index_sets(ctx, layer, expert)[matrix]
-        key = surgery.derive_seed(o.seed, "values", layer, expert, matrix)
-        out = ctx.take(name, tuple(dense.shape))
-        entry = {"reinit_fraction": idx.numel() / ctx.shape.d_f}
-        if o.method == "drop":
-            moments = cache.moments(0, layer, matrix)
-            stats = surgery.stats_from_moments(moments, idx if o.reinit_stats == "slice" else None)
-            surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
-            entry.update(mean=stats.mean, std=stats.std)
-        else:  # noise
-            surgery.add_noise(dense, matrix, idx, o.noise_std, key, out=out, scratch=ctx.scratch())
-            entry.update(noise_std=o.noise_std)
-        ctx.record["experts"][(layer, expert)][matrix] = entry
-        return out
-
-    return produce
-
-
-def _copy_producer(ctx: _Ctx, name: str, shape: tuple[int, ...], checksums: dict) -> Callable:
-    def produce() -> torch.Tensor:
-        if ctx.opts.method == "scratch":
-            if name.endswith("norm.weight"):
-                return torch.ones(shape, dtype=ctx.out_dtype)
-            if name.endswith(".bias"):
-                return torch.zeros(shape, dtype=ctx.out_dtype)
-            key = surgery.derive_seed(ctx.opts.seed, "scratch", name)
-            return surgery.scratch_weight(shape, ctx.opts.init_std, key, ctx.out_dtype)
-        tensors = [s.get(name) for s in ctx.sources]
-        for s, t in zip(ctx.sources, tensors):
-            checksums[(str(s.path), name)] = _checksum(t)
-        # Written as they come (buffered when misaligned): a page-aligned copy of an embedding
-        # would double its memory for a gain of well under a second.
-        if len(tensors) == 1:
-            return tensors[0].to(ctx.out_dtype)
-        return surgery.mean_of(tensors).to(ctx.out_dtype)
-
-    return produce
-
-
 def _checksum(t: torch.Tensor) -> str:
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(data)).hexdigest()[:16]
 
 
-def _plan(ctx: _Ctx, cache: _FFNCache, checksums: dict) -> list[tuple[TensorSpec, Callable]]:
+def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
+    """Every output tensor, in file order, with the function that makes it."""
     shape, target, o, dt = ctx.shape, ctx.target, ctx.opts, ctx.out_dtype
     non_ffn = shape.non_ffn_tensors()
+    build_expert = ctx.method.builder(o.ratio)
     plan: list[tuple[TensorSpec, Callable]] = []
 
     def add(name: str, shp: tuple[int, ...], fn: Callable) -> None:
         plan.append((TensorSpec(dt, tuple(shp), name=name), fn))
 
-    def const(shp: tuple[int, ...], value: float) -> Callable:
-        return lambda: torch.full(shp, value, dtype=dt)
+    def add_non_ffn(name: str) -> None:
+        add(name, non_ffn[name], lambda: non_ffn_tensor(ctx, name, non_ffn[name]))
+
+    def zeros(name: str, shp: tuple[int, ...]) -> None:
+        add(name, shp, lambda: torch.zeros(shp, dtype=dt))
 
     layer_prefix = "model.layers."
-    for name, shp in non_ffn.items():
-        if name.startswith(layer_prefix):
-            continue
-        if name == "model.norm.weight" or name == "lm_head.weight":
-            continue
-        add(name, shp, _copy_producer(ctx, name, shp, checksums))
+    last = ("model.norm.weight", "lm_head.weight")
+    for name in non_ffn:
+        if not name.startswith(layer_prefix) and name not in last:
+            add_non_ffn(name)
     for layer in range(shape.layers):
-        prefix = f"{layer_prefix}{layer}."
-        for name, shp in non_ffn.items():
-            if name.startswith(prefix):
-                add(name, shp, _copy_producer(ctx, name, shp, checksums))
+        for name in non_ffn:
+            if name.startswith(f"{layer_prefix}{layer}."):
+                add_non_ffn(name)
         if archs.adds_qk_norm(shape, target):
             for name in archs.qk_norm_names(layer):
-                add(name, (shape.head_dim,), const((shape.head_dim,), 1.0))
+                add(name, (shape.head_dim,), lambda: torch.ones((shape.head_dim,), dtype=dt))
         router_key = surgery.derive_seed(o.seed, "router", layer)
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
             lambda k=router_key: surgery.router_weight(
                 o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
         for expert in range(o.num_experts):
             for m in surgery.FFN_MATRICES:
-                add(archs.expert_name(target, layer, expert, m), shape.ffn_shape(m),
-                    _expert_producer(ctx, cache, layer, expert, m))
+                name = archs.expert_name(target, layer, expert, m)
+                add(name, shape.ffn_shape(m), partial(build_expert, ctx, layer, expert, m, name))
         shared = archs.shared_expert_names(target, layer)
         if shared:
-            _add_shared_expert(ctx, cache, layer, shared, add)
-    for name in ("model.norm.weight", "lm_head.weight"):
+            # Qwen2-MoE's shared expert is always on: sigmoid(gate(x)) * down(...). A zero down
+            # projection makes its output exactly zero at step 0 (so naive upcycling stays
+            # function-preserving), while down still receives gradients from the first step on,
+            # and through it gate and up.
+            for m in ("gate", "up"):
+                add(shared[m], shape.ffn_shape(m), partial(shared_expert_matrix, ctx, layer, m))
+            zeros(shared["down"], shape.ffn_shape("down"))
+            zeros(shared["shared_gate"], (1, shape.hidden))
+    for name in last:
         if name in non_ffn:
-            add(name, non_ffn[name], _copy_producer(ctx, name, non_ffn[name], checksums))
+            add_non_ffn(name)
     return plan
-
-
-def _add_shared_expert(ctx: _Ctx, cache: _FFNCache, layer: int, names: dict, add: Callable) -> None:
-    """Qwen2-MoE's shared expert: gate and up start as the dense FFN's, down starts at zero.
-
-    The shared expert's output is sigmoid(gate(x)) * down(...); a zero down projection makes its
-    contribution exactly zero at step 0 (so naive upcycling stays function-preserving), while
-    down still receives gradients from the first step on, and through it gate and up.
-    """
-    o, shape, dt = ctx.opts, ctx.shape, ctx.out_dtype
-    for m in ("gate", "up"):
-        if o.method == "scratch":
-            key = surgery.derive_seed(o.seed, "scratch", layer, "shared", m)
-            fn = (lambda s=shape.ffn_shape(m), k=key: surgery.scratch_weight(s, o.init_std, k, dt))
-        else:
-            fn = (lambda m=m: surgery.mean_of(
-                [cache.get(i, layer, m) for i in range(len(ctx.sources))]).to(dt))
-        add(names[m], shape.ffn_shape(m), fn)
-    add(names["down"], shape.ffn_shape("down"), lambda: torch.zeros(shape.ffn_shape("down"), dtype=dt))
-    add(names["shared_gate"], (1, shape.hidden), lambda: torch.zeros((1, shape.hidden), dtype=dt))
-
-
-def _intact_fractions(ctx: _Ctx) -> None:
-    """Per expert, the fraction of neurons untouched in all three matrices."""
-    o, d_f = ctx.opts, ctx.shape.d_f
-    for (layer, expert), entry in ctx.record["experts"].items():
-        if o.method in ("drop", "noise") and o.ratio > 0:
-            sets = _index_sets(ctx, layer, expert)
-            touched = torch.zeros(d_f, dtype=torch.bool)
-            for idx in sets.values():
-                touched[idx] = True
-            entry["intact_fraction"] = 1.0 - touched.sum().item() / d_f
-        elif o.method == "scratch":
-            entry["intact_fraction"] = 0.0
-        else:
-            entry["intact_fraction"] = 1.0
 
 
 def _resolve_dtype(opts: UpcycleOptions, src: DenseCheckpoint) -> torch.dtype:
@@ -395,76 +259,73 @@ def _progress(enabled: bool):
                     TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
-def upcycle(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions | None = None,
+            **options) -> dict:
     """Convert the dense checkpoint ``src`` into an MoE checkpoint at ``out``.
 
-    Options are the fields of :class:`UpcycleOptions` (the CLI flags with ``-`` as ``_``).
-    Returns the provenance record that is also written to ``out/upcycling.json``.
-    Raises :class:`dropup.UserError` for bad input, leaving ``out`` untouched.
+    Options are an :class:`UpcycleOptions` or its fields as keywords (the CLI flags with ``-`` as
+    ``_``); keywords given with ``opts`` override its fields. Returns the provenance record that
+    is also written to ``out/upcycling.json``. Raises :class:`dropup.UserError` for bad input,
+    leaving ``out`` untouched.
     """
     unknown = set(options) - set(UpcycleOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown upcycle option(s): {', '.join(sorted(unknown))}")
-    opts = UpcycleOptions(**options)
+    opts = dataclasses.replace(opts or UpcycleOptions(), **options)
     opts.sources = [str(s) for s in opts.sources]
     opts.validate()
     t0 = time.perf_counter()
     out = Path(out)
+    method = METHODS[opts.method]
     main = DenseCheckpoint(src, "SRC")
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
     sources = [main]
-    if opts.method == "btx":
-        if not opts.sources:
-            raise UserError("--method btx needs --sources SRC2 [SRC3 ...]: the dense models "
-                            "trained further from SRC")
-        for s in opts.sources:
-            ck = DenseCheckpoint(s, "btx source")
-            other = archs.dense_shape(ck.config, f"btx source {ck.path}")
-            if other != shape:
-                raise UserError(f"btx source {ck.path} has a different shape from SRC "
-                                f"({_shape_diff(shape, other)}); all sources must share one shape")
-            sources.append(ck)
+    for s in opts.sources:
+        ck = DenseCheckpoint(s, "btx source")
+        other = archs.dense_shape(ck.config, f"btx source {ck.path}")
+        if other != shape:
+            raise UserError(f"btx source {ck.path} has a different shape from SRC "
+                            f"({_shape_diff(shape, other)}); all sources must share one shape")
+        sources.append(ck)
     for ck in sources:
-        _check_source(ck, shape, need_ffn=opts.method != "scratch")
+        _check_source(ck, shape, need_ffn=method.needs_dense_ffn)
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
     moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
                        aux_loss_coef=opts.aux_loss_coef)
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
-    record: dict = {"experts": {(layer, e): {} for layer in range(shape.layers)
-                                for e in range(opts.num_experts)}}
-    ctx = _Ctx(opts, shape, target, out_dtype, sources, record)
-    checksums: dict = {}
-    cache = _FFNCache(sources, shape, checksums, page_aligned=opts.copies_experts)
-    plan = _plan(ctx, cache, checksums)
+    ctx = Context(opts, method, shape, target, out_dtype, sources)
+    plan = _plan(ctx)
     total = sum(spec.nbytes for spec, _ in plan)
-    with atomic_output_dir(out, opts.overwrite) as tmp:
-        check_free_space(out, total + (64 << 20))
-        writer = ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size))
-        ctx.phase = writer.phase
-        try:
-            _run_plan(plan, writer, opts, ctx.buffers)
-            writer.close()
-        finally:
-            writer.abort()
-        (tmp / "config.json").write_text(config_json(config))
-        side = main.copy_side_files(tmp)
-        _intact_fractions(ctx)
-        provenance = _provenance(opts, main, sources, shape, target, out_dtype, record, checksums,
-                                 side, total, time.perf_counter() - t0)
-        (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
-        if opts.verify:
-            from dropup.convert.verify import verify
-
-            provenance["verify"] = verify(main.path, tmp, provenance)
+    try:
+        with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
+                        advice="pass --overwrite to replace it or choose another path") as tmp:
+            check_free_space(out, total + (64 << 20))
+            with ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size)) as writer:
+                ctx.writer = writer
+                _run_plan(plan, writer, opts)
+            (tmp / "config.json").write_text(config_json(config))
+            side = main.copy_side_files(tmp)
+            for (layer, expert), entry in ctx.experts.items():
+                entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
+            provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
             (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
+            if opts.verify:
+                from dropup.convert.verify import verify
+
+                provenance["verify"] = verify(main.path, tmp, provenance)
+                (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk holding {out} filled up while writing; free space (see "
+                            "upcycle's size estimate) and run again. Nothing was written") from None
+        raise
     return provenance
 
 
-def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, opts: UpcycleOptions,
-              buffers: _BufferPool) -> None:
+def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, opts: UpcycleOptions) -> None:
     """Compute tensors on a thread pool with bounded look-ahead; write them in plan order.
 
     torch kernels and file writes release the GIL, so drawing random numbers for one expert
@@ -488,7 +349,6 @@ def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, op
                 pending.append((nxt[0], pool.submit(nxt[1])))
             tensor = fut.result()
             writer.write(spec.name, tensor)
-            buffers.give(tensor)
             bar.advance(task, spec.nbytes)
 
 
@@ -497,34 +357,36 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
     return ", ".join(f"{k} {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
 
 
-def _provenance(opts, main, sources, shape, target, out_dtype, record, checksums, side, total, seconds):
+def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> dict:
     from dropup._version import __version__
+
+    opts, main, shape = ctx.opts, ctx.sources[0], ctx.shape
 
     def entry(rec: dict) -> dict:
         # Producers run on a thread pool and fill rec in completion order: write a fixed order.
         return {k: rec[k] for k in (*surgery.FFN_MATRICES, "intact_fraction") if k in rec}
 
-    per_layer = [[{"expert": e, **entry(record["experts"][(layer, e)])} for e in range(opts.num_experts)]
+    per_layer = [[{"expert": e, **entry(ctx.experts[(layer, e)])} for e in range(opts.num_experts)]
                  for layer in range(shape.layers)]
     intact = [x["intact_fraction"] for layer in per_layer for x in layer]
     by_source: dict[str, dict[str, str]] = {}
-    for (path, name), digest in sorted(checksums.items()):
+    for (path, name), digest in sorted(ctx.checksums.items()):
         by_source.setdefault(path, {})[name] = digest
     return {
         "dropup_version": __version__,
         "method": opts.method,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "threads")},
         "seed": opts.seed,
-        "target": target,
-        "function_preserving_target": archs.function_preserving_target(shape, target),
-        "dtype": str(out_dtype).removeprefix("torch."),
+        "target": ctx.target,
+        "function_preserving_target": archs.function_preserving_target(shape, ctx.target),
+        "dtype": str(ctx.out_dtype).removeprefix("torch."),
         "source": {
             "path": str(main.path.resolve()),
             "config": main.config,
             "tensor_sha256_16": by_source.get(str(main.path), {}),
         },
         "btx_sources": [{"path": str(s.path.resolve()), "config": s.config,
-                         "tensor_sha256_16": by_source.get(str(s.path), {})} for s in sources[1:]],
+                         "tensor_sha256_16": by_source.get(str(s.path), {})} for s in ctx.sources[1:]],
         "side_files": side,
         "output_bytes": total,
         "seconds": round(seconds, 3),

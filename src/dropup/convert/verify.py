@@ -1,8 +1,9 @@
 """`--verify`: load the upcycled checkpoint with transformers and check it against the dense model.
 
 Every tensor must be consumed by transformers (a misnamed expert would otherwise stay at its
-random initialisation without a word). Where the method is function-preserving (naive, drop or
-noise with r = 0), the MoE's logits must equal the dense model's.
+random initialisation without a word). Where the method is function-preserving (its entry in
+``methods.METHODS`` says so: naive, drop or noise with r = 0), the MoE's logits must equal the
+dense model's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dropup.convert.methods import METHODS
 from dropup.errors import UserError
 
 BATCH, SEQ = 2, 32  # random tokens the logits are compared on
@@ -33,13 +35,8 @@ def _load(path: Path):
 
 def expects_dense_logits(provenance: dict) -> bool:
     o = provenance["options"]
-    if not provenance.get("function_preserving_target", True):
-        return False
-    if o["method"] == "naive":
-        return True
-    if o["method"] in ("drop", "noise"):
-        return o["ratio"] == 0.0
-    return False
+    return (provenance.get("function_preserving_target", True)
+            and METHODS[o["method"]].preserves_dense(o["ratio"]))
 
 
 def verify(src: Path, out: Path, provenance: dict | None = None, seed: int = 0) -> dict:

@@ -1,5 +1,4 @@
-"""Checkpoint I/O: lazy reading of Hugging Face checkpoints, streaming sharded safetensors writing,
-and output directories that appear whole or not at all.
+"""Checkpoint I/O: lazy reading of Hugging Face checkpoints and streaming sharded safetensors writing.
 
 Reading maps one safetensors file per tensor request (``safe_open``) and lets the mapping go as
 soon as the tensor is dropped, so resident memory holds only what is being worked on. Writing
@@ -9,13 +8,13 @@ written first and tensors are streamed after it one at a time: no shard is ever 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,18 +305,12 @@ class _OutFile:
         self.dfd = self.fd = None
 
 
-def placed(raw: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
+def _view_at(raw: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, phase: int) -> torch.Tensor:
     """A ``shape``/``dtype`` view of the uint8 tensor ``raw`` (``ALIGN`` bytes larger than
     needed) whose address is ``phase`` modulo ``ALIGN``."""
     nbytes = math.prod(shape) * dtype.itemsize
     start = (phase - raw.data_ptr()) % ALIGN
     return raw[start:start + nbytes].view(dtype).view(shape)
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, phase: int = 0) -> torch.Tensor:
-    """An uninitialised tensor placed for direct I/O at file offset phase ``phase``."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    return placed(torch.empty(nbytes + ALIGN, dtype=torch.uint8), shape, dtype, phase)
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
@@ -326,11 +319,55 @@ def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
         data, pos = data[done:], pos + done
 
 
+class _BufferPool:
+    """Memory of written output tensors, kept for the next tensor of the same size.
+
+    Gigabytes of expert weights stream through a handful of buffers; allocating each one fresh
+    costs a page fault per 4 KiB and fragments the allocator (more system time and RSS than the
+    arithmetic itself). Each buffer is ``ALIGN`` bytes larger than its tensor, so that a view of
+    it can start at any address phase.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # buffers are taken by producer threads
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._raw: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its storage
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, phase: int) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            free = self._free.get(nbytes)
+            raw = free.pop() if free else torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            view = _view_at(raw, shape, dtype, phase)
+            self._raw[view.data_ptr()] = raw
+            return view
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take ``t`` back if this pool handed it out; other tensors are left alone."""
+        with self._lock:
+            raw = self._raw.pop(t.data_ptr(), None)
+            if raw is not None:
+                self._free.setdefault(raw.numel() - ALIGN, []).append(raw)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._raw.clear()
+
+
 class ShardedWriter:
     """Writes the tensors of a fixed plan, in plan order, into safetensors shards.
 
     One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
     with ``model.safetensors.index.json``, the names ``save_pretrained`` uses.
+
+    Headers are padded to a page, so each tensor's file offset modulo ``ALIGN`` is known from the
+    plan. A tensor whose memory has that same phase goes to disk with direct I/O; the writer hands
+    out memory placed that way (``buffer``, ``placed``, ``stage``), so callers never deal with
+    offsets. Buffers from ``buffer`` are pooled: ``write`` takes them back for reuse.
+
+    As a context manager it closes on success (checking that every planned tensor was written)
+    and on failure only closes its file.
     """
 
     def __init__(self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int,
@@ -345,15 +382,46 @@ class ShardedWriter:
             (i, s) for i, shard in enumerate(self.shards) for s in shard)
         self._shard = -1
         self._fh: _OutFile | None = None
+        self._pool = _BufferPool()
         self.total_bytes = sum(s.nbytes for s in plan)
-        # Headers are padded to a page, so a tensor's file offset modulo ALIGN is known now:
-        # producers place their buffers at that phase and the whole tensor can go direct.
-        self.phase: dict[str, int] = {}
+        self._specs: dict[str, TensorSpec] = {}
+        self._phase: dict[str, int] = {}
         for shard in self.shards:
             offset = 0
             for spec in shard:
-                self.phase[spec.name] = offset % ALIGN
+                self._specs[spec.name] = spec
+                self._phase[spec.name] = offset % ALIGN
                 offset += spec.nbytes
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """Uninitialised memory for planned tensor ``name``, placed so that it goes to disk direct.
+
+        Pooled: ``write`` takes it back, so it must not be used once written.
+        """
+        spec = self._specs[name]
+        return self._pool.take(spec.shape, spec.dtype, self._phase[name])
+
+    def placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ready to be written as ``name``: ``t`` itself when it can go to disk as it is,
+        else a pooled copy in the planned dtype (a memcpy costs less than a buffered write)."""
+        if self._goes_direct(name, t) or (not self.direct and t.dtype == self._specs[name].dtype):
+            return t
+        return self.buffer(name).copy_(t)
+
+    def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` kept in memory from which it can be written many times (as ``name`` and the
+        tensors placed like it) without the copy ``placed`` would make each time: a copy of
+        ``t`` placed for ``name``, not pooled. ``t`` itself when that gains nothing: it is placed
+        already, or its dtype is not the planned one (each write converts it anyway)."""
+        spec = self._specs[name]
+        if not self.direct or t.dtype != spec.dtype or self._goes_direct(name, t):
+            return t
+        raw = torch.empty(t.numel() * t.element_size() + ALIGN, dtype=torch.uint8)
+        return _view_at(raw, tuple(t.shape), t.dtype, self._phase[name]).copy_(t)
+
+    def _goes_direct(self, name: str, t: torch.Tensor) -> bool:
+        return (t.dtype == self._specs[name].dtype and t.is_contiguous()
+                and (t.data_ptr() - self._phase[name]) % ALIGN == 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, spec = next(self._queue)
@@ -362,9 +430,9 @@ class ShardedWriter:
                                f"plan says {spec}")
         if shard != self._shard:
             self._open(shard)
-        tensor = tensor.contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data), tensor.data_ptr())
+        data = tensor.contiguous()
+        self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()), data.data_ptr())
+        self._pool.give(tensor)
 
     def _open(self, shard: int) -> None:
         self._close_file()
@@ -383,6 +451,7 @@ class ShardedWriter:
         if leftover is not None:
             raise RuntimeError(f"writer closed before {leftover[1].name} was written")
         self._close_file()
+        self._pool.clear()
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -393,47 +462,16 @@ class ShardedWriter:
 
     def abort(self) -> None:
         self._close_file()
+        self._pool.clear()
 
+    def __enter__(self) -> ShardedWriter:
+        return self
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``out``; on success it is renamed to ``out``.
-
-    On any failure (including Ctrl-C) the temporary directory is removed and ``out`` is left as it
-    was. A process killed outright leaves only a dot-directory named ``.<out>.dropup-tmp-<pid>``,
-    never something that looks like a finished checkpoint.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"OUT {out} is not empty; pass --overwrite to replace it or choose another path")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the parent directory of OUT, {parent} ({e.strerror})") from None
-    tmp = parent / f".{out.name}.dropup-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = parent / f".{out.name}.dropup-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
         else:
-            tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"the disk holding {out} filled up while writing; free space (see "
-                            "upcycle's size estimate) and run again. Nothing was written") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            self.abort()
 
 
 def check_free_space(out: Path, needed: int) -> None:

@@ -16,6 +16,7 @@ from dropup.hub.names import dense_shape
 from dropup.model.presets import PAPER_SHAPES  # noqa: F401 - re-exported for benchmarks
 from dropup.hub.safetensors import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
 
+
 def llama_config(**overrides) -> dict:
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -36,14 +37,13 @@ def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16"
     shape = dense_shape(config)
     dt = DTYPE_NAMES[dtype]
     plan = [TensorSpec(dt, s, name=n) for n, s in shape.all_tensors().items()]
-    writer = ShardedWriter(out, plan, parse_size(max_shard_size))
     gen = torch.Generator().manual_seed(seed)
-    for spec in plan:
-        if spec.name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
-        else:
-            t = torch.empty(spec.shape).normal_(0.0, 0.02, generator=gen)
-        writer.write(spec.name, t.to(dt))
-    writer.close()
+    with ShardedWriter(out, plan, parse_size(max_shard_size)) as writer:
+        for spec in plan:
+            if spec.name.endswith("norm.weight"):
+                t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+            else:
+                t = torch.empty(spec.shape).normal_(0.0, 0.02, generator=gen)
+            writer.write(spec.name, t.to(dt))
     (out / "config.json").write_text(config_json(config))
     return out

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from dropup.hub import names as archs
-from dropup.hub.safetensors import DenseCheckpoint
+from dropup.hub.atomic import atomic_dir
+from dropup.hub.safetensors import DenseCheckpoint, ShardedWriter, TensorSpec
 from dropup.hub.config import ModelConfig, config_json
 from dropup.errors import UserError
 from dropup.model.decoder import CausalLM
@@ -142,63 +141,21 @@ def save_model(
 
     ``state_dict`` overrides the model's own (e.g. a full state dict gathered from FSDP shards).
     Files are written into a temporary directory beside ``path`` and moved into place, so a
-    crash never leaves a half-written checkpoint under a final name.
+    crash never leaves a half-written checkpoint under a final name. Over an existing directory
+    (it may hold a tokenizer) they replace the previous weights and config.json file by file.
     """
-    from safetensors.torch import save_file
-
     cfg = model.config
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = to_hf_state_dict(sd, cfg)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
-    saved_dtype = next(iter(tensors.values())).dtype
+    saved_dtype = dtype or next(iter(tensors.values())).dtype
     hf_config = cfg.to_hf(dtype=str(saved_dtype).removeprefix("torch."),
                           transformers_version=version("transformers"))
-
-    # Shard greedily in name order; one file when it fits.
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(tensors):
-        n = tensors[k].numel() * tensors[k].element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = tensors[k]
-        size += n
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        written = []
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            written.append("model.safetensors")
-        else:
-            weight_map = {}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-                written.append(fname)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-            written.append("model.safetensors.index.json")
+    # In name order, sharded greedily: one file when it fits.
+    plan = [TensorSpec(dtype or tensors[k].dtype, tuple(tensors[k].shape), name=k) for k in sorted(tensors)]
+    with atomic_dir(path, existing="merge", stale="model*.safetensors*", label="checkpoint") as tmp:
+        # Buffered: these tensors live wherever the model put them, rarely placed for direct I/O.
+        with ShardedWriter(tmp, plan, max_shard_bytes, direct=False) as writer:
+            for spec in plan:
+                t = tensors[spec.name]
+                writer.write(spec.name, (t.to(dtype) if dtype is not None else t).detach().to("cpu"))
         (tmp / "config.json").write_text(config_json(hf_config))
-        written.append("config.json")
-        _move_into_place(tmp, path, written)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, path: Path, written: list[str]) -> None:
-    if not path.exists():
-        os.rename(tmp, path)  # the whole checkpoint appears at once
-        return
-    # An existing directory (it may hold a tokenizer): replace file by file, weights before
-    # config.json, and drop weight files of the previous checkpoint that the new one lacks.
-    for old in path.glob("model*.safetensors*"):
-        if old.name not in written:
-            old.unlink()
-    for name in written:
-        os.replace(tmp / name, path / name)

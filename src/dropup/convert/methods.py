@@ -1,0 +1,160 @@
+"""The construction methods of the Drop-Upcycling paper, one table entry each.
+
+An entry says how the method builds an expert matrix, what it does to the non-FFN tensors
+(embeddings, attention, norms, LM head; also the gate and up of Qwen2-MoE's shared expert), which
+fraction of each expert's neurons it leaves intact, whether its experts are plain copies of a
+dense FFN, whether it reads the dense FFN at all, and whether the MoE it builds computes the dense
+function at step 0. Everything else (planning, reading, writing, provenance) is the same for all
+methods, so adding one is adding an entry. The weight surgery itself is ``surgery``'s.
+
+The builders run on upcycle's worker threads and take its ``Context`` (sources, options, the
+cache of dense FFN matrices, the writer's buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from dropup.convert import surgery
+
+if TYPE_CHECKING:
+    from dropup.convert.upcycle import Context
+
+# (ctx, layer, expert, matrix, output tensor name) -> the expert's matrix
+ExpertBuilder = Callable[["Context", int, int, str, str], torch.Tensor]
+NonFFN = Literal["copy", "mean", "init"]  # from SRC / the float32 mean of the sources / fresh
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one construction method does; ``copies`` and ``preserves_dense`` take ``--ratio``."""
+
+    expert: ExpertBuilder
+    non_ffn: NonFFN
+    intact: float | None  # share of each expert's neurons left as they were; None: outside the index sets
+    copies: Callable[[float], bool]  # at this ratio every expert is a plain copy of a dense FFN
+    preserves_dense: Callable[[float], bool]  # at this ratio the MoE computes the dense function at step 0
+    needs_dense_ffn: bool = True
+    sources: bool = False  # takes --sources: one dense model per group of experts
+
+    def builder(self, ratio: float) -> ExpertBuilder:
+        return copy_expert if self.copies(ratio) else self.expert
+
+
+def index_sets(ctx: Context, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """The neurons each FFN matrix of one expert re-initialises (drop) or perturbs (noise)."""
+    o, d_f = ctx.opts, ctx.shape.d_f
+    if o.index_sampling == "shared":
+        idx = surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert))
+        return {m: idx for m in surgery.FFN_MATRICES}
+    return {m: surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert, m))
+            for m in surgery.FFN_MATRICES}
+
+
+def copy_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
+    """The FFN of the source this expert comes from (btx's assignment; with one source, the dense
+    FFN), written straight from the cached matrix when the writer can take it as it is."""
+    source = surgery.btx_source_of_expert(expert, ctx.opts.num_experts, len(ctx.sources))
+    return ctx.writer.placed(name, ctx.cache.get(source, layer, matrix))
+
+
+def _to_change(ctx: Context, layer: int, expert: int, matrix: str, name: str):
+    """What drop and noise start from: the dense matrix, the neurons this expert changes, the key
+    of its random values and the output buffer."""
+    return (ctx.cache.get(0, layer, matrix), index_sets(ctx, layer, expert)[matrix],
+            surgery.derive_seed(ctx.opts.seed, "values", layer, expert, matrix), ctx.writer.buffer(name))
+
+
+def _drop_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
+    dense, idx, key, out = _to_change(ctx, layer, expert, matrix, name)
+    stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix),
+                                       idx if ctx.opts.reinit_stats == "slice" else None)
+    surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
+    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.shape.d_f,
+                                            "mean": stats.mean, "std": stats.std}
+    return out
+
+
+def _noise_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
+    dense, idx, key, out = _to_change(ctx, layer, expert, matrix, name)
+    surgery.add_noise(dense, matrix, idx, ctx.opts.noise_std, key, out=out, scratch=ctx.scratch())
+    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.shape.d_f,
+                                            "noise_std": ctx.opts.noise_std}
+    return out
+
+
+def _scratch_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
+    key = surgery.derive_seed(ctx.opts.seed, "scratch", layer, expert, matrix)
+    return surgery.scratch_weight(ctx.shape.ffn_shape(matrix), ctx.opts.init_std, key, ctx.out_dtype)
+
+
+def _always(ratio: float) -> bool:
+    return True
+
+
+def _never(ratio: float) -> bool:
+    return False
+
+
+def _at_ratio_zero(ratio: float) -> bool:
+    return ratio == 0.0
+
+
+METHODS: dict[str, Method] = {
+    # Drop-Upcycling: copies, a fraction r of each expert's neurons re-drawn from N(mean, std^2)
+    "drop": Method(_drop_expert, "copy", intact=None, copies=_at_ratio_zero,
+                   preserves_dense=_at_ratio_zero),
+    # Sparse Upcycling (Komatsuzaki et al., 2023)
+    "naive": Method(copy_expert, "copy", intact=1.0, copies=_always, preserves_dense=_always),
+    # Random Noise Upcycling: copies, N(0, noise_std^2) added to a fraction r of the neurons
+    "noise": Method(_noise_expert, "copy", intact=None, copies=_at_ratio_zero,
+                    preserves_dense=_at_ratio_zero),
+    # From Scratch: the MoE drawn from N(0, init_std^2), norms at one; only SRC's config is used
+    "scratch": Method(_scratch_expert, "init", intact=0.0, copies=_never, preserves_dense=_never,
+                      needs_dense_ffn=False),
+    # Branch-Train-MiX (Sukhbaatar et al., 2024): expert e from source floor(e * n / E)
+    "btx": Method(copy_expert, "mean", intact=1.0, copies=_always, preserves_dense=_never,
+                  sources=True),
+}
+MethodName = Literal[*METHODS]
+
+
+def intact_fraction(ctx: Context, layer: int, expert: int) -> float:
+    """The fraction of one expert's neurons untouched in all three matrices."""
+    if ctx.method.intact is not None:
+        return ctx.method.intact
+    touched = torch.zeros(ctx.shape.d_f, dtype=torch.bool)
+    for idx in index_sets(ctx, layer, expert).values():
+        touched[idx] = True
+    return 1.0 - touched.sum().item() / ctx.shape.d_f
+
+
+def non_ffn_tensor(ctx: Context, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor that is not part of the dense FFN, at step 0."""
+    o, dt = ctx.opts, ctx.out_dtype
+    if ctx.method.non_ffn == "init":
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dt)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, dtype=dt)
+        return surgery.scratch_weight(shape, o.init_std, surgery.derive_seed(o.seed, "scratch", name), dt)
+    if ctx.method.non_ffn == "mean":
+        return surgery.mean_of([ctx.read(i, name) for i in range(len(ctx.sources))]).to(dt)
+    # Written as it comes (buffered when misaligned): a page-aligned copy of an embedding would
+    # double its memory for a gain of well under a second.
+    return ctx.read(0, name).to(dt)
+
+
+def shared_expert_matrix(ctx: Context, layer: int, matrix: str) -> torch.Tensor:
+    """Gate or up of Qwen2-MoE's shared expert at step 0: the dense FFN's (the mean of the
+    sources), or fresh where the non-FFN tensors are."""
+    o, shape = ctx.opts, ctx.shape.ffn_shape(matrix)
+    if ctx.method.non_ffn == "init":
+        key = surgery.derive_seed(o.seed, "scratch", layer, "shared", matrix)
+        return surgery.scratch_weight(shape, o.init_std, key, ctx.out_dtype)
+    dense = [ctx.cache.get(i, layer, matrix) for i in range(len(ctx.sources))]
+    return surgery.mean_of(dense).to(ctx.out_dtype)
