@@ -9,11 +9,12 @@ import argparse
 import json
 import sys
 
+from dropup.choices import choices
 from dropup.errors import UserError
 
 
 def _upcycle_parser(sub) -> None:
-    from dropup.convert.upcycle import METHODS, UpcycleOptions
+    from dropup.convert.upcycle import UpcycleOptions
 
     d = UpcycleOptions()
     p = sub.add_parser("upcycle", help="build an MoE checkpoint from a dense one",
@@ -21,41 +22,41 @@ def _upcycle_parser(sub) -> None:
                        "checkpoint by one of the Drop-Upcycling paper's construction methods.")
     p.add_argument("src", help="dense Hugging Face checkpoint directory")
     p.add_argument("out", help="output directory (created; must be empty unless --overwrite)")
-    p.add_argument("--method", default=d.method, choices=METHODS,
-                   help="drop (default), naive, noise, scratch or btx")
+    p.add_argument("--method", default=d.method, choices=choices(UpcycleOptions, "method"),
+                   help="construction method (default: %(default)s; see README)")
     p.add_argument("--ratio", type=float, default=d.ratio,
                    help="fraction r of each expert's neurons re-initialised (drop) or perturbed (noise)")
     p.add_argument("--num-experts", type=int, default=d.num_experts)
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--index-sampling", default=d.index_sampling, choices=("shared", "per-matrix"),
+    p.add_argument("--index-sampling", default=d.index_sampling,
+                   choices=choices(UpcycleOptions, "index_sampling"),
                    help="shared: one neuron set per expert for gate, up and down (the paper); "
                    "per-matrix: an independent set per matrix (the authors' released script)")
-    p.add_argument("--reinit-stats", default=d.reinit_stats, choices=("slice", "matrix"),
+    p.add_argument("--reinit-stats", default=d.reinit_stats, choices=choices(UpcycleOptions, "reinit_stats"),
                    help="mean/std of the replaced slice (default) or of the whole dense matrix")
     p.add_argument("--noise-std", type=float, default=d.noise_std, help="std of the noise method")
-    p.add_argument("--router-init", default=d.router_init, choices=("uniform", "normal", "zeros"))
+    p.add_argument("--router-init", default=d.router_init, choices=choices(UpcycleOptions, "router_init"))
     p.add_argument("--router-std", type=float, default=d.router_std)
     p.add_argument("--init-std", type=float, default=d.init_std, help="std of the scratch method")
     p.add_argument("--sources", nargs="+", default=[], metavar="SRC_N",
                    help="btx: dense models of SRC's shape, trained further from it")
-    p.add_argument("--target", default=d.target,
-                   choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe"))
+    p.add_argument("--target", default=d.target, choices=choices(UpcycleOptions, "target"))
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
-    p.add_argument("--dtype", default=d.dtype, choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", default=d.dtype, choices=choices(UpcycleOptions, "dtype"))
     p.add_argument("--max-shard-size", default=d.max_shard_size)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verify", action="store_true",
                    help="load the result with transformers; for naive and r = 0 compare logits")
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default: one per core, at most 8)")
+    p.add_argument("--threads", type=int, default=d.threads, help="worker threads (default: one per core, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _run_upcycle(a: argparse.Namespace) -> int:
-    from dropup.convert.upcycle import upcycle
+    from dropup.convert.upcycle import UpcycleOptions, upcycle
 
     opts = {k: v for k, v in vars(a).items() if k not in ("command", "src", "out", "quiet")}
-    prov = upcycle(a.src, a.out, progress=not a.quiet, **opts)
+    prov = upcycle(a.src, a.out, UpcycleOptions(**opts, progress=not a.quiet))
     if not a.quiet:
         print(f"wrote {a.out}: {prov['target']}, {a.num_experts} experts top-{a.top_k}, "
               f"method {a.method}, {prov['output_bytes'] / 1e9:.3f} GB in {prov['seconds']:.1f} s")
@@ -132,13 +133,14 @@ def _data_parser(sub) -> None:
     q.add_argument("--text-key", default=d.text_key, help="JSON field / Parquet column holding the text")
     q.add_argument("--glob", action="append", default=[], dest="globs", metavar="PATTERN",
                    help="in directories, read only files matching PATTERN (repeatable), e.g. '*.jsonl.zst'")
-    q.add_argument("--doc-split", default=d.doc_split, choices=("file", "paragraph", "line"),
+    q.add_argument("--doc-split", default=d.doc_split, choices=choices(PrepareOptions, "doc_split"),
                    help=".txt/.md documents: a whole file (default), blank-line paragraphs, or lines")
     q.add_argument("--domain", default=d.domain, help="domain label stored in meta.json")
     q.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="fraction of documents for the val split (seeded, by document)")
     q.add_argument("--seed", type=int, default=d.seed)
-    q.add_argument("--dtype", default=d.dtype, choices=("auto", "uint16", "uint32"))
+    q.add_argument("--dtype", default=d.dtype, choices=choices(PrepareOptions, "dtype"),
+                   help="of the token files (default: the smallest that holds the vocabulary)")
     q.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON lines/records")
     q.add_argument("--strict-utf8", action="store_true",
                    help="fail on bytes that are not UTF-8 (default: replace with U+FFFD and count)")

@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from dropup.choices import check_choices
 from dropup.data.tokens import TokenWriter, token_dtype
 from dropup.hub.atomic import atomic_dir
 from dropup.errors import UserError
@@ -44,11 +46,11 @@ class PrepareOptions:
     tokenizer_sample_mb: float = 64.0  # --tokenizer train: text sampled to train it on
     text_key: str = "text"
     globs: list[str] = field(default_factory=list)
-    doc_split: str = "file"  # .txt/.md: file | paragraph | line
+    doc_split: Literal[*DOC_SPLITS] = "file"  # .txt/.md: one document per file, paragraph or line
     domain: str | None = None
     val_fraction: float = 0.01
     seed: int = 0
-    dtype: str = "auto"  # auto | uint16 | uint32
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"  # of the token files; auto: the smallest that fits
     skip_bad: bool = False
     strict_utf8: bool = False
     batch_mb: float = 4.0  # text per worker call: amortises the per-call cost (4 MB: 82-84% of bare
@@ -60,14 +62,11 @@ class PrepareOptions:
         return ReadOptions(self.text_key, self.doc_split, self.skip_bad, self.strict_utf8)
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.inputs:
             raise UserError("no inputs given")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.dtype not in ("auto", "uint16", "uint32"):
-            raise UserError(f"--dtype must be auto, uint16 or uint32, not {self.dtype!r}")
-        if self.doc_split not in DOC_SPLITS:
-            raise UserError(f"--doc-split must be one of {', '.join(DOC_SPLITS)}")
         if self.tokenizer == "train":
             if self.vocab_size < MIN_TRAINED_VOCAB:
                 raise UserError(f"--vocab-size must be at least {MIN_TRAINED_VOCAB} (256 bytes + EOS), "
