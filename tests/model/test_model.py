@@ -16,7 +16,7 @@ from dropup.hub.config import ModelConfig  # noqa: E402
 from dropup.model.io import load_model, save_model  # noqa: E402
 from dropup.analysis.routing import router_metrics  # noqa: E402
 from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
-from dropup.model.decoder import MoE, RouterLogits  # noqa: E402
+from dropup.model.decoder import MoE, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 SEQ = 24  # longer than the sliding windows and the dynamic-RoPE max_position_embeddings below
@@ -274,9 +274,8 @@ def test_grouped_and_loop_moe_agree(shared):
         moe.impl = impl
         moe.zero_grad()
         xi = x.clone().requires_grad_()
-        recorder = RouterLogits()
-        out = moe(xi, recorder)
-        (logits,) = recorder.logits
+        out = moe(xi)
+        logits = moe.take_router_logits()
         ((out * up).sum() + logits.pow(2).sum()).backward()
         results[impl] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters()})
     (o1, gx1, g1), (o2, gx2, g2) = results["loop"], results["grouped"]
@@ -373,3 +372,38 @@ def test_grouped_cuda_bf16_matches_loop_without_host_sync():
     moe.impl = "auto"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(moe(x)[0], results["grouped"][0].to(torch.bfloat16))  # auto picks grouped
+
+
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="torch._grouped_mm does not run on CPU in this torch")
+def test_compiled_layers_share_one_graph_and_return_router_logits():
+    """Regional compilation compiles a decoder layer once for every layer: collecting the router
+    logits must not make the graphs depend on the layer's position (a growing list argument did,
+    and past torch's recompile limit the layers silently ran eager)."""
+    from torch._dynamo.utils import counters
+
+    from dropup.model.presets import PRESETS
+
+    def graphs(layers: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = ModelConfig.from_hf({**PRESETS["moe-tiny"], "vocab_size": 32, "hidden_size": 16,
+                                   "intermediate_size": 16, "num_hidden_layers": layers})
+        torch.manual_seed(0)
+        model = build_model(cfg, dtype=torch.bfloat16)
+        model.set_moe_impl("grouped")  # the compiled training path (the loop syncs on expert counts)
+        ids = torch.randint(0, 32, (2, 8))
+        _, eager = model(ids, return_router_logits=True)
+        model.compile_layers(backend="eager")  # dynamo's tracing and guards, without code generation
+        model(ids, return_router_logits=True)
+        first = counters["stats"]["unique_graphs"]
+        _, compiled = model(ids, return_router_logits=True)
+        assert counters["stats"]["unique_graphs"] == first  # no recompilation on the next call
+        return first, eager, compiled
+
+    few, _, _ = graphs(2)
+    many, eager, compiled = graphs(9)  # more layers than torch's default recompile limit (8)
+    assert many == few
+    assert len(compiled) == 9
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()

@@ -217,6 +217,12 @@ class MoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
         self.impl = "auto"
+        self.router_logits: torch.Tensor | None = None
+
+    def take_router_logits(self) -> torch.Tensor:
+        """The router logits of the last forward, handed over once (no reference stays behind)."""
+        logits, self.router_logits = self.router_logits, None
+        return logits
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E] (fp32), top-k weights [N, k] (fp32) and expert ids [N, k]."""
@@ -229,14 +235,17 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
 
-    def forward(self, x: torch.Tensor, recorder: RouterLogits | None = None) -> torch.Tensor:
-        """The layer's output; its router logits [N, E] go to ``recorder`` when one is given
-        (the losses and statistics of training read them)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output. Its router logits [N, E] are kept in ``self.router_logits`` until
+        the model collects them (``take_router_logits``) for the losses and statistics."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
-        if recorder is not None:
-            recorder.add(logits)
+        # An attribute rather than a second return value or an argument to append to: a list or
+        # recorder argument is rebuilt by FSDP2's input casting and guarded on by torch.compile
+        # (its length differs per layer, so every layer would compile its own graph), while an
+        # attribute store is a side effect the one shared graph replays.
+        self.router_logits = logits
         out = self.run_experts(x, weights, ids)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x).float())
@@ -296,20 +305,6 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
-class RouterLogits:
-    """The router logits of one forward pass, one tensor per MoE layer in layer order.
-
-    An object, not a plain list, because FSDP2 (and other wrappers) rebuild list arguments of a
-    module's forward to cast the tensors inside them; appends to such a copy would be lost.
-    """
-
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def add(self, logits: torch.Tensor) -> None:
-        self.logits.append(logits)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
@@ -320,10 +315,9 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(i)
         self.mlp = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, recorder: RouterLogits):
+    def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, recorder) if self.is_moe else self.mlp(h))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -378,10 +372,10 @@ class CausalLM(nn.Module):
         windows = {layer.sliding_window for layer in self.model.layers}
         masks = {w: _sliding_mask(t, w, input_ids.device) for w in windows}
         x = self.model.embed_tokens(input_ids)
-        recorder = RouterLogits()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks[layer.sliding_window], recorder)
-        return self.model.norm(x), recorder.logits
+            x = layer(x, cos, sin, masks[layer.sliding_window])
+        router_logits = [layer.mlp.take_router_logits() for layer in self.model.layers if layer.is_moe]
+        return self.model.norm(x), router_logits
 
     @property
     def output_weight(self) -> torch.Tensor:
