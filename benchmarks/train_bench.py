@@ -42,8 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dropup.hub.config import ModelConfig  # noqa: E402
-from dropup.train.losses import load_balancing_loss  # noqa: E402
 from dropup.model.decoder import build_model  # noqa: E402
+from dropup.train.losses import load_balancing_loss  # noqa: E402
 from dropup.train.optim import AdamW as LowMemAdamW  # noqa: E402
 
 SEQ = 4096

@@ -8,8 +8,8 @@ import pytest
 from conftest import load_tensors
 
 from dropup import UserError, upcycle
-from dropup.cli import main
 from dropup.analysis.experts import inspect_checkpoint
+from dropup.cli import main
 from dropup.convert.verify import verify
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import DENSE_ARCHS, build_dense, load_tensors
 
-from dropup.hub import names as archs
 from dropup import upcycle
 from dropup.convert.surgery import num_reinit
+from dropup.hub import names as archs
 
 SEQ = 40  # longer than the mistral fixture's sliding window of 8
 

@@ -15,8 +15,8 @@ import pytest
 
 from dropup.cli import main as cli_main
 from dropup.data.corpus import CorpusOptions, build_corpus, man_to_text
-from dropup.data.tokens import Mixture, Source, TokenFile
 from dropup.data.prepare import PrepareOptions, _uniform, load_tokenizer, prepare
+from dropup.data.tokens import Mixture, Source, TokenFile
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

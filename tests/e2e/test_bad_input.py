@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import build_dense
 
-from dropup.hub import safetensors as checkpoint
 from dropup.cli import main
+from dropup.hub import safetensors as checkpoint
 
 
 def _fails(capsys, argv, *needles) -> str:

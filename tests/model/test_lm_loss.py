@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dropup.hub.config import ModelConfig
-from dropup.model.lm_loss import lm_head_cross_entropy
 from dropup.model.decoder import build_model
+from dropup.model.lm_loss import lm_head_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

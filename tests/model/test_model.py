@@ -12,11 +12,11 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
-from dropup.hub.config import ModelConfig  # noqa: E402
-from dropup.model.io import load_model, save_model  # noqa: E402
 from dropup.analysis.routing import router_metrics  # noqa: E402
-from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
+from dropup.hub.config import ModelConfig  # noqa: E402
 from dropup.model.decoder import MoE, build_model  # noqa: E402
+from dropup.model.io import load_model, save_model  # noqa: E402
+from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
 
 torch.set_num_threads(1)
 SEQ = 24  # longer than the sliding windows and the dynamic-RoPE max_position_embeddings below

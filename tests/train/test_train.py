@@ -17,15 +17,15 @@ import pytest
 import torch
 import yaml
 
+from dropup.analysis.routing import RouterStats
 from dropup.cli import main as cli_main
 from dropup.data.tokens import Mixture, Source, TokenFile, TokenWriter, write_dataset
 from dropup.errors import UserError
 from dropup.model.io import load_model
-from dropup.analysis.routing import RouterStats
 from dropup.model.lm_loss import cross_entropy
-from dropup.train.losses import GlobalBatchCounts, load_balancing_loss
 from dropup.train.config import PRESETS, load_config
 from dropup.train.loop import train
+from dropup.train.losses import GlobalBatchCounts, load_balancing_loss
 from dropup.train.optim import lr_at, param_groups
 
 torch.set_num_threads(1)

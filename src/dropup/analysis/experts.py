@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 
-from dropup.hub import names as archs
 from dropup.convert import surgery
-from dropup.hub.safetensors import DenseCheckpoint
+from dropup.convert.methods import METHODS
 from dropup.errors import UserError
+from dropup.hub import names as archs
 from dropup.hub.config import ModelConfig
+from dropup.hub.safetensors import CheckpointReader
 
 NEURON_BLOCK = 512
 
 
-def _moe_config(ck: DenseCheckpoint) -> ModelConfig:
+def _moe_config(ck: CheckpointReader) -> ModelConfig:
     cfg = ModelConfig.from_hf(ck.config, where=f"inspect: {ck.path}")
     if not cfg.is_moe:
         raise UserError(f"inspect: model_type {cfg.model_type!r} is not an MoE dropup knows; expected one "
@@ -43,7 +44,7 @@ def _int_dtype(dtype: torch.dtype) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
-def expert_similarity(ck: DenseCheckpoint, target: str, layer: int, num_experts: int) -> dict:
+def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int) -> dict:
     """Mean pairwise cosine similarity of the experts' weights, and the mean fraction of neurons
     that are bit-identical between two experts (1.0 for naive upcycling, about (1-r)^2 for drop)."""
     names = {(e, m): archs.expert_name(target, layer, e, m)
@@ -81,7 +82,7 @@ def expert_similarity(ck: DenseCheckpoint, target: str, layer: int, num_experts:
 
 
 def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
-    ck = DenseCheckpoint(path, "checkpoint")
+    ck = CheckpointReader(path, "checkpoint")
     cfg = _moe_config(ck)
     target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     total = sum(math.prod(info.shape) for info in ck.tensors.values())
@@ -109,7 +110,7 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
         o = prov["options"]
         intact = [x.get("intact_fraction", float("nan")) for layer in prov["layers"] for x in layer]
         report["upcycling"] = {
-            "method": o["method"], "ratio": o["ratio"] if o["method"] in ("drop", "noise") else None,
+            "method": o["method"], "ratio": o["ratio"] if METHODS[o["method"]].uses_ratio else None,
             "index_sampling": o["index_sampling"], "reinit_stats": o["reinit_stats"],
             "router_init": o["router_init"], "seed": o["seed"], "dropup_version": prov["dropup_version"],
             "source": prov["source"]["path"], "source_type": prov["source"]["config"].get("model_type"),

@@ -41,6 +41,11 @@ class Method:
     needs_dense_ffn: bool = True
     sources: bool = False  # takes --sources: one dense model per group of experts
 
+    @property
+    def uses_ratio(self) -> bool:
+        """--ratio picks the neurons it changes (its intact fraction follows the index sets)."""
+        return self.intact is None
+
     def builder(self, ratio: float) -> ExpertBuilder:
         return copy_expert if self.copies(ratio) else self.expert
 
@@ -125,7 +130,7 @@ MethodName = Literal[*METHODS]
 
 def intact_fraction(ctx: Context, layer: int, expert: int) -> float:
     """The fraction of one expert's neurons untouched in all three matrices."""
-    if ctx.method.intact is not None:
+    if not ctx.method.uses_ratio:
         return ctx.method.intact
     touched = torch.zeros(ctx.shape.d_f, dtype=torch.bool)
     for idx in index_sets(ctx, layer, expert).values():

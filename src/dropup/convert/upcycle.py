@@ -37,7 +37,7 @@ from dropup.hub.atomic import atomic_dir
 from dropup.hub.config import config_json, dense_to_moe
 from dropup.hub.safetensors import (
     DTYPE_NAMES,
-    DenseCheckpoint,
+    CheckpointReader,
     ShardedWriter,
     TensorSpec,
     check_free_space,
@@ -99,7 +99,7 @@ class Context:
     shape: archs.DenseShape
     target: str
     out_dtype: torch.dtype
-    sources: list[DenseCheckpoint]
+    sources: list[CheckpointReader]
     experts: dict[tuple[int, int], dict] = field(default_factory=dict)  # provenance per expert
     checksums: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, tensor) -> sha
     writer: ShardedWriter | None = None  # set once the plan is known
@@ -169,7 +169,7 @@ class _FFNCache:
             return self._loaded[key]
 
 
-def _check_source(ck: DenseCheckpoint, shape: archs.DenseShape, need_ffn: bool) -> None:
+def _check_source(ck: CheckpointReader, shape: archs.DenseShape, need_ffn: bool) -> None:
     expected = shape.all_tensors() if need_ffn else shape.non_ffn_tensors()
     for name, want in expected.items():
         info = ck.tensors.get(name)
@@ -245,7 +245,7 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
     return plan
 
 
-def _resolve_dtype(opts: UpcycleOptions, src: DenseCheckpoint) -> torch.dtype:
+def _resolve_dtype(opts: UpcycleOptions, src: CheckpointReader) -> torch.dtype:
     if opts.dtype != "auto":
         return DTYPE_NAMES[opts.dtype]
     dtype = src.tensors["model.embed_tokens.weight"].dtype
@@ -277,12 +277,12 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
     t0 = time.perf_counter()
     out = Path(out)
     method = METHODS[opts.method]
-    main = DenseCheckpoint(src, "SRC")
+    main = CheckpointReader(src, "SRC")
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
     sources = [main]
     for s in opts.sources:
-        ck = DenseCheckpoint(s, "btx source")
+        ck = CheckpointReader(s, "btx source")
         other = archs.dense_shape(ck.config, f"btx source {ck.path}")
         if other != shape:
             raise UserError(f"btx source {ck.path} has a different shape from SRC "

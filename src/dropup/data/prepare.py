@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 
 from dropup.choices import check_choices
-from dropup.data.tokens import TokenWriter, token_dtype
-from dropup.hub.atomic import atomic_dir
-from dropup.errors import UserError
 from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
+from dropup.data.tokens import TokenWriter, token_dtype
+from dropup.errors import UserError
+from dropup.hub.atomic import atomic_dir
 
 EOS = "<|endoftext|>"
 MIN_TRAINED_VOCAB = 257  # the 256 byte tokens of a byte-level BPE plus the end-of-document token

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dropup.hub.config import DENSE_TYPES, MOE_TYPES, ModelConfig
 from dropup.errors import UserError
+from dropup.hub.config import DENSE_TYPES, MOE_TYPES, ModelConfig
 
 SOURCE_TYPES = DENSE_TYPES
 TARGET_TYPES = MOE_TYPES

@@ -97,7 +97,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         ) from None
 
 
-class DenseCheckpoint:
+class CheckpointReader:
     """A Hugging Face checkpoint directory opened for lazy, tensor-by-tensor reading."""
 
     def __init__(self, path: str | os.PathLike, what: str = "SRC"):

@@ -13,8 +13,8 @@ import torch
 
 from dropup.hub.config import config_json
 from dropup.hub.names import dense_shape
-from dropup.model.presets import PAPER_SHAPES  # noqa: F401 - re-exported for benchmarks
 from dropup.hub.safetensors import DTYPE_NAMES, ShardedWriter, TensorSpec, parse_size
+from dropup.model.presets import PAPER_SHAPES  # noqa: F401 - re-exported for benchmarks
 
 
 def llama_config(**overrides) -> dict:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
-from dropup.hub.safetensors import DenseCheckpoint, ShardedWriter, TensorSpec
 from dropup.hub.config import ModelConfig, config_json
-from dropup.errors import UserError
+from dropup.hub.safetensors import CheckpointReader, ShardedWriter, TensorSpec
 from dropup.model.decoder import CausalLM
 
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
@@ -78,10 +78,10 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
 
 class _DeviceReader:
     """Name-addressed, lazy view of a checkpoint that hands tensors out on ``device``; reading and
-    validation (sharded or single safetensors, truncated files named) are ``DenseCheckpoint``'s."""
+    validation (sharded or single safetensors, truncated files named) are ``CheckpointReader``'s."""
 
     def __init__(self, path: Path, device: torch.device):
-        self.ck, self.device = DenseCheckpoint(path, "checkpoint"), device
+        self.ck, self.device = CheckpointReader(path, "checkpoint"), device
 
     def keys(self):
         return self.ck.tensors.keys()
