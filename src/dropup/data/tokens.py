@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dropup.errors import UserError
+from dropup.hub.atomic import atomic_write_text
 
 FORMAT = "dropup-tokens"
 VERSION = 1
@@ -141,9 +142,7 @@ class TokenWriter:
             splits[split] = {"tokens": tokens, "docs": docs}
         meta = {**self.meta, "format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id, "splits": splits}
-        tmp = self.out / ".meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, self.out / "meta.json")
+        atomic_write_text(self.out / "meta.json", json.dumps(meta, indent=1) + "\n")
         return self.out
 
     def __enter__(self) -> TokenWriter:

@@ -1,4 +1,5 @@
-"""Output directories that appear whole or not at all.
+"""Outputs that appear whole or not at all: directories (``atomic_dir``) and single files
+(``atomic_write_text``).
 
 Everything dropup writes as a directory (converted checkpoints, exported models, training
 checkpoints, datasets, the corpus) is assembled in a hidden temporary directory beside its final
@@ -79,3 +80,15 @@ def _merge(tmp: Path, out: Path, stale: str | None) -> None:
                 old.unlink()
     for name in sorted(new, key=lambda n: n not in owned):
         os.replace(tmp / name, out / name)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace the file ``path`` by ``text`` in one step: readers see the old or the new file,
+    never a part (a hidden temporary beside it is renamed over it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.dropup-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

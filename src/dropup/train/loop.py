@@ -33,6 +33,7 @@ import yaml
 from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
+from dropup.hub.atomic import atomic_write_text
 from dropup.hub.config import ModelConfig
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
 from dropup.model.io import load_model
@@ -182,9 +183,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # ---- the run -----------------------------------------------------------------------------------
