@@ -353,8 +353,8 @@ def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, op
 
 
 def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
-    da, db = asdict(a), asdict(b)
-    return ", ".join(f"{k} {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
+    differ = [f.name for f in dataclasses.fields(a) if f.compare and getattr(a, f.name) != getattr(b, f.name)]
+    return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in differ)
 
 
 def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> dict:
