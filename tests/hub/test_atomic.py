@@ -92,3 +92,43 @@ def test_merge_replaces_files_and_keeps_the_others(tmp_path, monkeypatch):
                            "model.safetensors.index.json": "new", "tokenizer.json": "tok"}
     assert moved[-1] == "config.json"  # the weights first
     assert _hidden(tmp_path) == []
+
+
+def test_exclusive_lock_refuses_a_second_holder(tmp_path):
+    lock = tmp_path / ".x.dropup-lock"
+    with atomic.exclusive_lock(lock, "thing x") as held:
+        assert held and lock.read_text() == f"{os.getpid()}\n"
+        # flock belongs to an open file, so a second open in this process is a second holder
+        with pytest.raises(UserError, match=rf"^thing x is being written by another dropup process "
+                                            rf"\(pid {os.getpid()}\); wait for it to finish or "
+                                            r"choose another path$"):
+            with atomic.exclusive_lock(lock, "thing x"):
+                pytest.fail("entered")
+    assert not lock.exists()
+    with atomic.exclusive_lock(lock, "thing x"):  # free again
+        pass
+
+
+def test_exclusive_lock_survives_a_holder_that_was_killed(tmp_path):
+    lock = tmp_path / ".x.dropup-lock"
+    lock.write_text("999999999\n")  # left by a killed holder: the kernel dropped its lock
+    with atomic.exclusive_lock(lock, "thing x") as held:
+        assert held
+    assert not lock.exists()
+
+
+def test_exclusive_lock_retries_when_the_holder_removed_the_file(tmp_path, monkeypatch):
+    lock = tmp_path / ".x.dropup-lock"
+    real_flock, calls = atomic.fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:  # the holder finishes between our open and our flock: a new file appears
+            lock.unlink()
+            lock.write_text("")
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(atomic.fcntl, "flock", flock)
+    with atomic.exclusive_lock(lock, "thing x"):
+        assert len(calls) == 2
+        assert os.path.samestat(os.stat(lock), os.fstat(calls[1]))

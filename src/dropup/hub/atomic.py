@@ -11,6 +11,8 @@ dot-directory, never something that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +22,79 @@ from typing import Literal
 from dropup.errors import UserError
 
 Existing = Literal["refuse", "replace", "merge"]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created, and removed on exit) while the
+    block runs; if another process holds it, raise ``UserError`` at once:
+    ``{what} is being written by another dropup process (pid N); wait for it to finish or
+    choose another path``.
+
+    Yields True, or False on a filesystem without ``flock`` (some network filesystems), where
+    the block runs unlocked rather than not at all. The lock is advisory: it keeps dropup
+    processes apart, on one machine or on filesystems whose ``flock`` spans machines.
+    """
+    path = Path(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _os_error(e, what, path.parent) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise UserError(f"{what} is being written by another dropup process"
+                            f"{f' (pid {holder})' if holder else ''}; wait for it to finish or "
+                            "choose another path") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+            yield False
+            return
+        # The lock file is removed on exit (no litter beside every output), so the file we
+        # opened may have been unlinked by its holder between our open and our flock: then we
+        # hold a lock on an inode no one else can reach, and must start over with the file now
+        # at ``path``. The holder unlinks before it unlocks, so once the inode at ``path`` is the
+        # one we locked, every other process either waits on this inode or opens a newer one and
+        # finds it taken: never two holders.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    # Informative only: the holder writes its pid just after locking, so this may be empty.
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _os_error(e: OSError, what: str, where: Path) -> Exception:
+    """A ``UserError`` for the ways a write location can be unusable; other errors as they are."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {what}: {where} is not writable ({e.strerror}); "
+                         "choose another path or fix its permissions")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot write {what}: the disk holding {where} is full; free space or "
+                         "choose another path")
+    return e
 
 
 @contextlib.contextmanager
