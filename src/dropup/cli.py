@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from dropup.choices import choices
 from dropup.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other bad input.
+
+    argparse's own error prints the whole usage block first, which buries the one line that
+    says what is wrong; ``--help`` still prints it.
+    """
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _upcycle_parser(sub) -> None:
@@ -119,7 +133,9 @@ def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare token datasets; build the built-in corpus",
                        description="Tokenise text into the trainer's token files, or harvest the "
                        "built-in multi-domain corpus from this machine.")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    # The metavar is argparse's own rendering of the choices: --help is unchanged, and a missing
+    # command is reported by its choices rather than by the name of its attribute.
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,corpus}")
     q = dsub.add_parser("prepare", help="tokenise text files into a dataset directory",
                         description="Tokenise .txt/.md, .jsonl/.json (also .gz/.zst), Parquet and "
                         "datasets.save_to_disk inputs, or directories of them, into token files.")
@@ -192,22 +208,58 @@ COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_par
 def build_parser() -> argparse.ArgumentParser:
     from dropup._version import __version__
 
-    parser = argparse.ArgumentParser(prog="dropup", description="Drop-Upcycling toolkit: build, "
-                                     "train and analyse MoE models from dense checkpoints.")
+    parser = Parser(prog="dropup", description="Drop-Upcycling toolkit: build, "
+                    "train and analyse MoE models from dense checkpoints.")
     parser.add_argument("--version", action="version", version=f"dropup {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse reports these on the top-level parser; the command's --help is the useful one.
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the innermost command that ``args`` names (``dropup data prepare``'s for it)."""
+    for dest in ("command", "data_command"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, dest, None) not in sub.choices:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
+    # Schedulers stop jobs with SIGTERM; its default action kills the process before any
+    # ``finally`` runs, leaving a temporary directory as large as the output. Signals can only be
+    # handled in the main thread (main called from another thread keeps the default).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return COMMANDS[args.command][1](args)
     except UserError as e:
         print(f"dropup {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"dropup {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return 128 + int(signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+    finally:
+        if in_main:
+            # None: the previous handler was not installed from Python; the default stands in.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
