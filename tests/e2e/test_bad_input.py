@@ -15,6 +15,7 @@ import torch
 from conftest import build_dense
 
 from dropup.cli import main
+from dropup.errors import UserError
 from dropup.hub import safetensors as checkpoint
 
 
@@ -182,3 +183,59 @@ def test_real_entry_point_exit_code(src, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "dropup upcycle: error: --ratio 2.0 is outside [0, 1]; 0.5 is the paper's choice"
     assert r.stdout == ""
+
+
+# ---- JSON metadata of the wrong shape: valid JSON, but not what the file should hold ---------------
+
+
+def _header_file(path: Path, header: bytes) -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("[1, 2]", ["config.json: a JSON array, not an object", "Hugging Face model config"]),
+    ('"llama"', ["config.json: a JSON string, not an object"]),
+    ("null", ["config.json: a JSON null, not an object"]),
+    ("[" * 100000, ["config.json: not valid JSON"]),
+])
+def test_config_json_of_the_wrong_shape(capsys, src, tmp_path, text, needles):
+    (src / "config.json").write_text(text)
+    _fails(capsys, ["upcycle", str(src), str(tmp_path / "out")], *needles)
+    _nothing_left(tmp_path / "out")
+    _fails(capsys, ["inspect", str(src)], *needles)
+    from dropup.model.io import load_config
+
+    with pytest.raises(UserError, match="config.json: "):
+        load_config(src)
+
+
+@pytest.mark.parametrize("index,needle", [
+    ([1, 2], "a JSON array, not an object"),
+    ({"metadata": {}}, "no 'weight_map', not an object"),
+    ({"weight_map": ["model.safetensors"]}, "a JSON array as its 'weight_map', not an object"),
+    ({"weight_map": "model.safetensors"}, "a JSON string as its 'weight_map'"),
+    ({"weight_map": {"lm_head.weight": 3}}, 'tensor lm_head.weight maps to 3, not a shard file name'),
+    ({"weight_map": {"lm_head.weight": "../other/model.safetensors"}}, "not a shard file name"),
+])
+def test_weight_index_of_the_wrong_shape(capsys, src, tmp_path, index, needle):
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = _fails(capsys, ["upcycle", str(src), str(tmp_path / "out")], "model.safetensors.index.json", needle)
+    assert "weight_map" in line  # says what the file should hold
+    _nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("header,needle", [
+    (b"[1, 2]", "the header is a JSON array, not an object"),
+    (b'"text"', "the header is a JSON string, not an object"),
+    (b'{"w": [1, 2]}', "tensor w is described by a JSON array, not an object"),
+    (b'{"w": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 0]}}', "not a valid safetensors"),
+    (b"\xff\xfe{}", "not a valid safetensors"),
+])
+def test_safetensors_header_of_the_wrong_shape(capsys, src, tmp_path, header, needle):
+    f = src / "model.safetensors"
+    _header_file(f, header)
+    _fails(capsys, ["upcycle", str(src), str(tmp_path / "out")], str(f), needle, "re-download or re-save")
+    _nothing_left(tmp_path / "out")
+    _fails(capsys, ["inspect", str(src)], str(f), needle)

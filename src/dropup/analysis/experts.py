@@ -17,16 +17,27 @@ from dropup.convert.methods import METHODS
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.config import ModelConfig
-from dropup.hub.safetensors import CheckpointReader
+from dropup.hub.safetensors import CheckpointReader, json_type
 
 NEURON_BLOCK = 512
 
 
 def _moe_config(ck: CheckpointReader) -> ModelConfig:
     cfg = ModelConfig.from_hf(ck.config, where=f"inspect: {ck.path}")
-    if not cfg.is_moe:
+    if cfg.model_type not in archs.TARGET_TYPES:
         raise UserError(f"inspect: model_type {cfg.model_type!r} is not an MoE dropup knows; expected one "
                         f"of {', '.join(archs.TARGET_TYPES)}")
+    # These counts size loops and tensors: a string or a negative number in config.json would
+    # otherwise surface as a TypeError deep inside the similarity computation.
+    for name in ("num_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size",
+                 "moe_intermediate_size"):
+        value = getattr(cfg, name)
+        if type(value) is not int or value < 1:
+            raise UserError(f"inspect: {ck.path / 'config.json'}: {name} is {value!r}, not a positive "
+                            "integer; it is not a valid MoE config")
+    if cfg.num_experts_per_tok > cfg.num_experts:
+        raise UserError(f"inspect: {ck.path / 'config.json'}: num_experts_per_tok "
+                        f"{cfg.num_experts_per_tok} is more than num_experts {cfg.num_experts}")
     return cfg
 
 
@@ -44,6 +55,22 @@ def _int_dtype(dtype: torch.dtype) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
+def _check_experts(ck: CheckpointReader, layer: int, names: dict[tuple[int, str], str]) -> None:
+    """Experts are compared block by block, which needs one shape for all of them, and by bit
+    fingerprints, which need floats of 2, 4 or 8 bytes: anything else would fail inside torch."""
+    gate = ck.tensors[names[(0, "gate")]].shape
+    d_f, hidden = gate if len(gate) == 2 else (0, 0)
+    expected = {"gate": (d_f, hidden), "up": (d_f, hidden), "down": (hidden, d_f)}
+    for (_, m), n in names.items():
+        info = ck.tensors[n]
+        if info.shape != expected[m] or not d_f or not hidden:
+            raise UserError(f"inspect: {ck.path}: {n} has shape {list(info.shape)}, but expert 0 of layer "
+                            f"{layer} has a gate of shape {list(gate)}; the checkpoint is malformed")
+        if not info.dtype.is_floating_point or info.dtype.itemsize not in (2, 4, 8):
+            raise UserError(f"inspect: {ck.path}: {n} is {str(info.dtype).removeprefix('torch.')}, "
+                            "not a floating-point weight; the checkpoint is malformed")
+
+
 def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int) -> dict:
     """Mean pairwise cosine similarity of the experts' weights, and the mean fraction of neurons
     that are bit-identical between two experts (1.0 for naive upcycling, about (1-r)^2 for drop)."""
@@ -51,9 +78,9 @@ def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts
              for e in range(num_experts) for m in surgery.FFN_MATRICES}
     if any(n not in ck.tensors for n in names.values()):
         raise UserError(f"inspect: {ck.path} does not store per-expert tensors for layer {layer}")
+    _check_experts(ck, layer, names)
     mats = {k: ck.get(n) for k, n in names.items()}
-    d_f = mats[(0, "gate")].shape[0]
-    hidden = mats[(0, "gate")].shape[1]
+    d_f, hidden = mats[(0, "gate")].shape
     gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
     same = torch.zeros(num_experts, num_experts, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
@@ -106,20 +133,68 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
     }
     prov_path = ck.path / "upcycling.json"
     if prov_path.is_file():
-        prov = json.loads(prov_path.read_text())
-        o = prov["options"]
-        intact = [x.get("intact_fraction", float("nan")) for layer in prov["layers"] for x in layer]
-        report["upcycling"] = {
-            "method": o["method"], "ratio": o["ratio"] if METHODS[o["method"]].uses_ratio else None,
-            "index_sampling": o["index_sampling"], "reinit_stats": o["reinit_stats"],
-            "router_init": o["router_init"], "seed": o["seed"], "dropup_version": prov["dropup_version"],
-            "source": prov["source"]["path"], "source_type": prov["source"]["config"].get("model_type"),
-            "intact_fraction_mean": sum(intact) / len(intact),
-            "intact_fraction_min": min(intact), "intact_fraction_max": max(intact),
-        }
+        try:
+            report["upcycling"] = _provenance(prov_path)
+        except _Unreadable as e:
+            # The checkpoint is fine without its provenance: report what it is and say why the
+            # history is missing rather than refuse to describe it.
+            report["upcycling_unreadable"] = str(e)
     if similarity:
-        report["similarity"] = [expert_similarity(ck, target, i, num_experts) for i in range(layers)]
+        # Qwen-MoE may interleave dense layers, which have no experts to compare.
+        report["similarity"] = [expert_similarity(ck, target, i, num_experts) for i in range(layers)
+                                if cfg.is_moe_layer(i)]
     return report
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _is(value, kind) -> bool:
+    # JSON true and false parse as Python bools, which are ints: never a count or a ratio here.
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _provenance(path: Path) -> dict:
+    """The summary of an ``upcycling.json``; ``_Unreadable`` says what is wrong with the file."""
+    try:
+        prov = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise _Unreadable(f"not valid JSON ({e})") from None
+    except OSError as e:
+        raise _Unreadable(f"cannot be read ({e.strerror})") from None
+    if not isinstance(prov, dict):
+        raise _Unreadable(f"a JSON {json_type(prov)}, not an object")
+
+    def get(keys: str, kind: type | tuple[type, ...] = str):
+        value = prov
+        for key in keys.split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise _Unreadable(f"it has no {keys!r}")
+            value = value[key]
+        if not _is(value, kind):
+            raise _Unreadable(f"its {keys!r} is {json.dumps(value)[:40]}, of the wrong type")
+        return value
+
+    number = (int, float)
+    method = get("options.method")
+    layers = get("layers", list)
+    if not all(isinstance(layer, list) and all(isinstance(x, dict) for x in layer) for layer in layers):
+        raise _Unreadable("its 'layers' is not a list of layers of expert records")
+    intact = [x.get("intact_fraction", float("nan")) for layer in layers for x in layer]
+    if not intact or not all(_is(v, number) for v in intact):
+        raise _Unreadable("its 'layers' holds no experts or an intact_fraction that is not a number")
+    known = METHODS.get(method)
+    ratio = get("options.ratio", number)
+    return {
+        "method": method, "ratio": ratio if known is None or known.uses_ratio else None,
+        "index_sampling": get("options.index_sampling"), "reinit_stats": get("options.reinit_stats"),
+        "router_init": get("options.router_init"), "seed": get("options.seed", int),
+        "dropup_version": get("dropup_version"), "source": get("source.path"),
+        "source_type": get("source.config", dict).get("model_type"),
+        "intact_fraction_mean": sum(intact) / len(intact),
+        "intact_fraction_min": min(intact), "intact_fraction_max": max(intact),
+    }
 
 
 def _human(n: int) -> str:
@@ -139,6 +214,9 @@ def format_report(r: dict) -> str:
         + f"; aux-loss coefficient {r['router_aux_loss_coef']}",
         f"parameters   {_human(r['total_params'])} total, {_human(r['active_params'])} active per token",
     ]
+    if "upcycling_unreadable" in r:
+        lines.append(f"provenance   upcycling.json is unreadable ({r['upcycling_unreadable']}); "
+                     "how this checkpoint was built is unknown")
     u = r.get("upcycling")
     if u:
         method = u["method"] + (f" (r = {u['ratio']}, {u['index_sampling']} indices, "

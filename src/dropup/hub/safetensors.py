@@ -73,12 +73,16 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if n > min(size - 8, 100 << 20):
                 raise ValueError("header length is larger than the file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {json_type(header)}, not an object")
         data_len = size - 8 - n
         out: dict[str, TensorInfo] = {}
         end_max = 0
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"tensor {name} is described by a JSON {json_type(entry)}, not an object")
             dtype = ST_DTYPES.get(entry["dtype"])
             if dtype is None:
                 raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
@@ -91,10 +95,30 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if end_max != data_len:
             raise ValueError(f"data section is {data_len} bytes but the header describes {end_max}")
         return out
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as e:
+    except (ValueError, KeyError, TypeError, RecursionError, struct.error) as e:
         raise UserError(
             f"{path}: not a valid safetensors file ({e}); re-download or re-save it"
         ) from None
+
+
+def json_type(value) -> str:
+    """JSON's name for the type of a parsed value (a list is an array to whoever wrote the file)."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in file ``path``; anything else (not JSON, an array, a string) is a UserError
+    that names the file and ``what`` it should have been."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not valid JSON ({e}); expected {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}); expected {what}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a JSON {json_type(value)}, not an object; expected {what}")
+    return value
 
 
 class CheckpointReader:
@@ -110,10 +134,7 @@ class CheckpointReader:
         if not cfg_path.is_file():
             raise UserError(f"{what} {self.path} has no config.json; pass a Hugging Face "
                             "checkpoint directory (save it with save_pretrained)")
-        try:
-            self.config: dict = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.config: dict = read_json_object(cfg_path, "a Hugging Face model config")
         self.tensors: dict[str, TensorInfo] = {}
         self._bin: dict[str, torch.Tensor] | None = None
         self._index_weights()
@@ -138,10 +159,17 @@ class CheckpointReader:
             del self.tensors[name]
 
     def _read_index(self, path: Path) -> dict[str, str]:
-        try:
-            return json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a valid weight index ({e})") from None
+        what = 'a weight index ({"weight_map": {tensor name: shard file name}})'
+        weight_map = read_json_object(path, what).get("weight_map")
+        if not isinstance(weight_map, dict):
+            problem = "no" if weight_map is None else f"a JSON {json_type(weight_map)} as its"
+            raise UserError(f"{path}: {problem} 'weight_map', not an object; expected {what}")
+        for name, fname in weight_map.items():
+            # A shard is a file beside the index: a path elsewhere is not one save_pretrained writes.
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+                raise UserError(f"{path}: tensor {name} maps to {json.dumps(fname)}, not a shard file "
+                                f"name; expected {what}")
+        return weight_map
 
     def _load_bin(self) -> None:
         """Legacy pickled weights, read only with ``weights_only=True`` (no code execution)."""

@@ -10,7 +10,6 @@ per-expert names (``hf_names``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from importlib.metadata import version
@@ -22,7 +21,7 @@ from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.config import ModelConfig, config_json
-from dropup.hub.safetensors import CheckpointReader, ShardedWriter, TensorSpec
+from dropup.hub.safetensors import CheckpointReader, ShardedWriter, TensorSpec, read_json_object
 from dropup.model.decoder import CausalLM
 
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
@@ -94,10 +93,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     p = Path(path) / "config.json"
     if not p.exists():
         raise UserError(f"{p} not found: expected a Hugging Face checkpoint directory")
-    try:
-        return ModelConfig.from_hf(json.loads(p.read_text()), where=str(p))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(read_json_object(p, "a Hugging Face model config"), where=str(p))
 
 
 def load_model(
