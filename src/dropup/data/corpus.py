@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dropup.data.prepare import MAX_MB, check_number
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
 
@@ -51,6 +52,20 @@ class CorpusOptions:
     seed: int = 0
     min_chars: int = 200  # shorter documents carry little text
     max_file_kb: int = 256  # larger files are mostly generated tables (unicode data, API dumps)
+
+    def validate(self) -> None:
+        """Every option checked at once, before anything is read or written."""
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise UserError(f"unknown domain {unknown[0]!r}; choose from {', '.join(DOMAINS)}")
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            # A domain named twice would rewrite its own file with nothing (all duplicates).
+            raise UserError(f"--domains {' '.join(self.domains) or '(none)'}: name each domain once, "
+                            f"from {', '.join(DOMAINS)}")
+        check_number("--max-mb", self.max_mb, 0, MAX_MB, hint="0: everything found")
+        check_number("--seed", self.seed, 0, 2**64 - 1, integer=True)
+        check_number("min_chars", self.min_chars, 0, 2**63 - 1, integer=True)
+        check_number("max_file_kb", self.max_file_kb, 1, 2**53, integer=True)
 
 
 # ---- where the text is ---------------------------------------------------------------------------
@@ -209,11 +224,7 @@ def _order(paths: list[Path], seed: int, domain: str, taken: dict[str, int]) -> 
 
 def build_corpus(opts: CorpusOptions) -> dict:
     """Write OUT/<domain>.jsonl and OUT/manifest.json; returns the manifest."""
-    unknown = [d for d in opts.domains if d not in DOMAINS]
-    if unknown:
-        raise UserError(f"unknown domain {unknown[0]!r}; choose from {', '.join(DOMAINS)}")
-    if opts.max_mb < 0:
-        raise UserError("--max-mb must be >= 0")
+    opts.validate()
     cap = int(opts.max_mb * 1e6) if opts.max_mb else None
     seen: set[bytes] = set()  # content hashes over every domain
     manifest = {"format": "dropup-corpus", "version": 1, "seed": opts.seed, "max_mb": opts.max_mb,

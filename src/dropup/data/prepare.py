@@ -11,11 +11,15 @@ at the end (``hub.atomic``); any failure removes it, so OUT is either complete o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
 import itertools
+import math
 import multiprocessing
+import numbers
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -62,22 +66,44 @@ class PrepareOptions:
         return ReadOptions(self.text_key, self.doc_split, self.skip_bad, self.strict_utf8)
 
     def validate(self) -> None:
+        """Every option checked at once, before any file is opened."""
         check_choices(self)
         if not self.inputs:
             raise UserError("no inputs given")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        # NaN passes no comparison and infinity overflows int(): each number is checked for
+        # being finite and of the right kind before its range.
+        check_number("--val-fraction", self.val_fraction, 0, 1, hi_open=True,
+                      hint="the share of documents held out for validation")
+        check_number("--seed", self.seed, 0, 2**64 - 1, integer=True)
+        check_number("--threads", self.threads, 0, MAX_WORKERS, integer=True, hint="0: one per core")
+        check_number("--batch-mb", self.batch_mb, 0, MAX_MB, lo_open=True)
         if self.tokenizer == "train":
-            if self.vocab_size < MIN_TRAINED_VOCAB:
-                raise UserError(f"--vocab-size must be at least {MIN_TRAINED_VOCAB} (256 bytes + EOS), "
-                                f"got {self.vocab_size}")
+            check_number("--vocab-size", self.vocab_size, MIN_TRAINED_VOCAB, 2**32, integer=True,
+                          hint=f"at least {MIN_TRAINED_VOCAB}: 256 bytes + EOS")
+            check_number("--tokenizer-sample-mb", self.tokenizer_sample_mb, 0, MAX_MB, lo_open=True)
             if self.dtype != "auto":
                 _check_dtype(self.vocab_size, self.dtype)
         elif not Path(self.tokenizer).is_dir():
             raise UserError(f"--tokenizer {self.tokenizer}: not a directory (a Hugging Face tokenizer "
                             "directory, or 'train')")
-        if self.batch_mb <= 0 or self.tokenizer_sample_mb <= 0:
-            raise UserError("--batch-mb and --tokenizer-sample-mb must be positive")
+
+
+MAX_WORKERS = 1024  # more tokenizer processes than any machine has cores is a typo
+MAX_MB = 2**40  # a megabyte count this large does not fit in memory or in an int64 of bytes
+
+
+def check_number(flag: str, value, lo: float, hi: float, *, integer: bool = False,
+                  lo_open: bool = False, hi_open: bool = False, hint: str = "") -> None:
+    """A UserError naming ``flag`` unless ``value`` is a finite number (an integer if ``integer``)
+    in the interval from ``lo`` to ``hi``, each end closed unless said open."""
+    kind = "an integer" if integer else "a number"
+    # bool is an int to Python, never a count to a user.
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    in_range = ok_type and math.isfinite(value) and (lo < value if lo_open else lo <= value) and (
+        value < hi if hi_open else value <= hi)
+    if not in_range:
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise UserError(f"{flag} must be {kind} in {bounds}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
 def _check_dtype(vocab_size: int, dtype: str) -> None:
@@ -221,6 +247,12 @@ def _init_worker(tokenizer_json: str, eos_id: int) -> None:
     global _worker_tok, _worker_eos
     from tokenizers import Tokenizer
 
+    # The parent owns the workers' lifetime: on Ctrl-C or SIGTERM (sent to the whole process
+    # group by terminals and schedulers) it stops the pool itself, and a worker that raised too
+    # would only print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     _worker_tok, _worker_eos = Tokenizer.from_str(tokenizer_json), eos_id
 
 
@@ -308,19 +340,39 @@ def prepare(opts: PrepareOptions) -> dict:
     """Run the pipeline; returns meta.json's contents."""
     opts.validate()
     out = Path(opts.out)
-    with atomic_dir(out, label="output directory", advice="choose a new one or remove it") as tmp:
-        files = discover(opts.inputs, opts.globs)
-        progress = _Progress(opts.progress)
-        try:
-            _prepare_into(tmp, files, opts, progress)
-        finally:
-            progress.close()
+    try:
+        with atomic_dir(out, label="output directory", advice="choose a new one or remove it") as tmp:
+            duplicates: list[str] = []
+            files = discover(opts.inputs, opts.globs, duplicates)
+            progress = _Progress(opts.progress)
+            try:
+                _prepare_into(tmp, files, duplicates, opts, progress)
+            finally:
+                progress.close()
+    except OSError as e:
+        problem = _output_problem(e, out)
+        if problem is None:
+            raise
+        raise UserError(problem) from None
     from dropup.data.tokens import read_meta
 
     return read_meta(out)
 
 
-def _prepare_into(tmp: Path, files: list[InputFile], opts: PrepareOptions, progress: _Progress) -> None:
+def _output_problem(e: OSError, out: Path) -> str | None:
+    """What an OSError says about writing ``out`` (inputs' errors are named by their readers)."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (f"the disk holding {out} filled up while writing the dataset; free space or choose "
+                "another --out. Nothing was written")
+    parent = out.resolve().parent
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename is not None and (
+            Path(e.filename).resolve().is_relative_to(parent)):
+        return f"cannot write --out {out} ({e.strerror}: {e.filename}); choose a writable directory"
+    return None
+
+
+def _prepare_into(tmp: Path, files: list[InputFile], duplicates: list[str], opts: PrepareOptions,
+                  progress: _Progress) -> None:
     t0 = time.perf_counter()
     if opts.tokenizer == "train":
         progress.update(0, 0, "sampling text for the tokenizer")
@@ -344,6 +396,8 @@ def _prepare_into(tmp: Path, files: list[InputFile], opts: PrepareOptions, progr
         if writer.count("train")[1] == 0:
             raise UserError(f"all {totals.docs} documents went to the val split; lower --val-fraction")
         writer.meta.update(_meta(opts, tok, tmp, totals, time.perf_counter() - t0))
+        if duplicates:
+            writer.meta["duplicate_inputs_skipped"] = duplicates
 
 
 def _empty_message(files: list[InputFile]) -> str:
@@ -395,4 +449,8 @@ def warnings_of(meta: dict) -> list[str]:
         w.append(f"skipped {meta['skipped_bad']} bad record(s) (--skip-bad)")
     if meta.get("empty_skipped"):
         w.append(f"skipped {meta['empty_skipped']} empty document(s)")
+    dup = meta.get("duplicate_inputs_skipped")
+    if dup:
+        w.append(f"read {len(dup)} file(s) once that the inputs reach more than once (links or "
+                 f"overlapping inputs): {', '.join(dup[:3])}{' ...' if len(dup) > 3 else ''}")
     return w

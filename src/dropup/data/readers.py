@@ -92,42 +92,107 @@ def _hf_dataset_files(d: Path) -> list[Path] | None:
     """The Arrow files of a ``datasets.save_to_disk`` directory (a Dataset or a DatasetDict), in
     the order the library reads them, or None if ``d`` is not one."""
     if (d / "dataset_dict.json").is_file():
+        index = d / "dataset_dict.json"
         try:
-            splits = json.loads((d / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{d / 'dataset_dict.json'} is not a datasets.save_to_disk index") from None
-        return [f for s in splits for f in (_hf_dataset_files(d / s) or [])]
+            splits = json.loads(index.read_text())["splits"]
+        except (ValueError, KeyError, TypeError, OSError):
+            splits = None
+        if not isinstance(splits, list) or not all(isinstance(s, str) and s for s in splits):
+            raise UserError(f"{index} is not a datasets.save_to_disk index (a JSON object whose "
+                            "'splits' lists the split directories)")
+        files = []
+        for split in splits:
+            # A listed split that is not there would otherwise vanish from the dataset unnoticed.
+            part = _hf_dataset_files(d / split) if (d / split).is_dir() else None
+            if part is None:
+                raise UserError(f"{index} lists split {split!r}, but {d / split} is not a "
+                                "datasets.save_to_disk directory; re-save the dataset")
+            files += part
+        return files
     if (d / "state.json").is_file():
         try:
-            names = [e["filename"] for e in json.loads((d / "state.json").read_text())["_data_files"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{d / 'state.json'} is not a datasets.save_to_disk state file") from None
+            entries = json.loads((d / "state.json").read_text())["_data_files"]
+            names = [e["filename"] for e in entries]
+        except (ValueError, KeyError, TypeError, OSError):
+            names = None
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise UserError(f"{d / 'state.json'} is not a datasets.save_to_disk state file (its "
+                            "'_data_files' should list the Arrow file names)")
         return [d / n for n in names]
     return None
 
 
-def discover(inputs: list[str], globs: list[str] = ()) -> list[InputFile]:
+def _file_id(path: Path) -> tuple:
+    """What makes two paths the same file (device and inode, which links and hard links share)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ("unreadable", str(path))  # its reader names the problem
+    return (st.st_dev, st.st_ino)
+
+
+def _walk_error(e: OSError) -> None:
+    raise UserError(f"cannot list directory {e.filename} ({e.strerror}); fix its permissions or "
+                    "leave it out of the inputs")
+
+
+def _check_link(f: Path) -> None:
+    if f.is_symlink() and not f.exists():
+        raise UserError(f"input {f} is a broken symbolic link (to {os.readlink(f)}, which does not "
+                        "exist or is a loop of links); fix or remove it")
+
+
+def discover(inputs: list[str], globs: list[str] = (), duplicates: list[str] | None = None) -> list[InputFile]:
     """The input files in reading order: as given, directories expanded in sorted order.
 
     In a directory, hidden entries are skipped and ``globs`` (fnmatch patterns on the path
     relative to the directory, or on the file name) select files; without globs every file of a
     known type is taken. A directory written by ``datasets.save_to_disk`` is read as one dataset.
+
+    Symbolic links are followed, except a link to a directory that holds it (a loop); a file
+    reached more than once (through links, by overlapping inputs) is read once, where it is first
+    reached, and the paths skipped are appended to ``duplicates``. A broken link of a known type
+    and a directory that cannot be listed are errors, not silently missing data.
     """
     found: list[InputFile] = []
+    seen: set[tuple] = set()
+
+    def add(inp: InputFile) -> None:
+        key = _file_id(inp.path)
+        if key in seen:
+            if duplicates is not None:
+                duplicates.append(str(inp.path))
+            return
+        seen.add(key)
+        found.append(inp)
+
     for given in inputs:
         p = Path(given)
+        _check_link(p)
         if not p.exists():
             raise UserError(f"input {p} does not exist")
         if p.is_dir():
             hf = _hf_dataset_files(p)
             if hf is not None:
-                found += [InputFile(f, "arrow", dataset_dir=str(p)) for f in hf]
+                for f in hf:
+                    add(InputFile(f, "arrow", dataset_dir=str(p)))
                 continue
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # A link to a directory that holds it is a loop: not entered. Anything else reached
+            # twice is walked twice, its files read once by ``add``.
+            above = {str(p): frozenset([_file_id(p)])}
+            for root, dirs, files in os.walk(p, onerror=_walk_error, followlinks=True):
                 rootp = Path(root)
+                keep = []
+                for d in sorted(d for d in dirs if not d.startswith(".")):
+                    key = _file_id(rootp / d)
+                    if key not in above[root]:
+                        above[os.path.join(root, d)] = above[root] | {key}
+                        keep.append(d)
+                dirs[:] = keep
+                del above[root]
                 if rootp != p and _hf_dataset_files(rootp) is not None:
-                    found += [InputFile(f, "arrow", dataset_dir=str(rootp)) for f in _hf_dataset_files(rootp)]
+                    for f in _hf_dataset_files(rootp):
+                        add(InputFile(f, "arrow", dataset_dir=str(rootp)))
                     dirs[:] = []
                     continue
                 for name in sorted(files):
@@ -138,13 +203,14 @@ def discover(inputs: list[str], globs: list[str] = ()) -> list[InputFile]:
                         continue
                     kind = classify(f)
                     if kind is not None and (kind[0] != "arrow" or globs):
-                        found.append(InputFile(f, *kind))
+                        _check_link(f)
+                        add(InputFile(f, *kind))
         else:
             kind = classify(p)
             if kind is None:
                 raise UserError(f"input {p}: unknown file type; expected .txt/.md, .jsonl/.json "
                                 "(optionally .gz/.zst), .parquet, .arrow or a directory")
-            found.append(InputFile(p, *kind))
+            add(InputFile(p, *kind))
     if not found:
         raise UserError(f"no input files found in {', '.join(inputs)}"
                         + (f" matching {', '.join(globs)}" if globs else ""))
@@ -211,7 +277,12 @@ class _Decoder:
 
 def _open_stream(inp: InputFile):
     """A buffered binary stream of the (decompressed) contents, hashing the raw bytes."""
-    raw = _HashingRaw(open(inp.path, "rb"))
+    try:
+        f = open(inp.path, "rb")
+    except OSError as e:
+        raise UserError(f"input {inp.path} cannot be read ({e.strerror}); fix its permissions or "
+                        "leave it out") from None
+    raw = _HashingRaw(f)
     buffered = io.BufferedReader(raw, 1 << 20)
     if inp.compression == "gzip":
         stream = gzip.GzipFile(fileobj=buffered, mode="rb")
