@@ -5,13 +5,16 @@ produces it from text)::
 
     DIR/meta.json              {"format": "dropup-tokens", "version": 1, "dtype": "uint16"|"uint32",
                                 "vocab_size": V, "eos_token_id": int|null,
-                                "splits": {"train": {"tokens": T, "docs": D}, "val": {...}}, ...}
+                                "splits": {"train": {"tokens": T, "docs": D, "max_token_id": M},
+                                           "val": {...}}, ...}
     DIR/<split>.bin            all documents' tokens back to back, raw little-endian ``dtype``
     DIR/<split>.offsets.npy    int64 [D + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
 
 Any further keys in meta.json (tokenizer, manifest of inputs, domain) are the writer's business
-and are kept as they are. The end-of-document token, when the tokenizer has one, is already part
-of each document's tokens.
+and are kept as they are. ``max_token_id`` (the largest id in the split, null when empty) lets a
+trainer check the data against its model's vocabulary without reading the tokens; datasets
+written before it was recorded are scanned instead. The end-of-document token, when the
+tokenizer has one, is already part of each document's tokens.
 
 Training reads *packed* sequences: a split's token stream is cut into windows of ``seq_len + 1``
 tokens with stride ``seq_len`` (inputs are the first ``seq_len``, targets the last ``seq_len``),
@@ -79,6 +82,7 @@ class TokenWriter:
         self._offset_files: dict[str, object] = {}
         self._pending: dict[str, list[np.ndarray]] = {}
         self._count: dict[str, tuple[int, int]] = {}  # split -> (tokens, docs) so far
+        self._max: dict[str, int | None] = {}  # split -> largest token id so far
 
     def _open(self, split: str) -> None:
         if split not in SPLITS:
@@ -88,6 +92,7 @@ class TokenWriter:
             self._offset_files[split] = open(self.out / f".{split}.offsets.tmp", "wb")
             self._pending[split] = []
             self._count[split] = (0, 0)
+            self._max[split] = None
 
     def add(self, tokens, split: str = "train") -> None:
         """Append one document (a sequence of token ids) to ``split``."""
@@ -101,8 +106,11 @@ class TokenWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"document lengths add up to {int(lengths.sum())}, not {tokens.size} tokens")
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise UserError(f"token id out of range [0, {self.vocab_size}) in a {split} document")
+        if tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise UserError(f"token id out of range [0, {self.vocab_size}) in a {split} document")
+            self._max[split] = max(hi, self._max[split] if self._max[split] is not None else hi)
         self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
         n_tokens, n_docs = self._count[split]
         self._pending[split].append(n_tokens + np.cumsum(lengths))
@@ -139,7 +147,7 @@ class TokenWriter:
             f.close()
             self._finish_offsets(split)
             tokens, docs = self._count[split]
-            splits[split] = {"tokens": tokens, "docs": docs}
+            splits[split] = {"tokens": tokens, "docs": docs, "max_token_id": self._max[split]}
         meta = {**self.meta, "format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id, "splits": splits}
         atomic_write_text(self.out / "meta.json", json.dumps(meta, indent=1) + "\n")
@@ -171,7 +179,13 @@ def write_dataset(out: str | os.PathLike, docs: dict[str, list], vocab_size: int
 
 
 class TokenFile:
-    """One split of a dataset, memory-mapped: ``tokens`` (numpy memmap) and ``offsets``."""
+    """One split of a dataset, memory-mapped: ``tokens`` (numpy memmap) and ``offsets``.
+
+    Opening checks what is cheap to check (meta.json's shape, the token file's size, the offsets
+    file's header, length and ends), so a damaged dataset stops the run with its file's name
+    before the first step rather than as an index error somewhere in it."""
+
+    _SCAN = 1 << 24  # tokens per chunk when scanning for the largest id (32-64 MiB)
 
     def __init__(self, path: str | os.PathLike, split: str = "train"):
         self.path = Path(path)
@@ -180,18 +194,53 @@ class TokenFile:
         if info is None:
             raise UserError(f"dataset {self.path} has no {split!r} split (it has: "
                             f"{', '.join(self.meta['splits']) or 'none'})")
-        bin_path = self.path / f"{split}.bin"
+        self.info, self.split = info, split
+        self.bin_path = bin_path = self.path / f"{split}.bin"
         dtype = np.dtype(self.meta["dtype"])
         if not bin_path.exists() or bin_path.stat().st_size != info["tokens"] * dtype.itemsize:
             raise UserError(f"{bin_path} is missing or its size does not match meta.json "
                             f"({info['tokens']} tokens of {dtype})")
         self.tokens = (np.memmap(bin_path, dtype=dtype, mode="r") if info["tokens"]
                        else np.zeros(0, dtype=dtype))
-        self.offsets = np.load(self.path / f"{split}.offsets.npy", mmap_mode="r")
-        self.split = split
+        self.offsets = self._open_offsets(self.path / f"{split}.offsets.npy", info)
+
+    @staticmethod
+    def _open_offsets(p: Path, info: dict) -> np.ndarray:
+        redo = "re-create the dataset with `dropup data prepare`"
+        if not p.exists():
+            raise UserError(f"{p} is missing; {redo}")
+        try:
+            offsets = np.load(p, mmap_mode="r")
+        except (ValueError, EOFError, OSError) as e:
+            raise UserError(f"{p} is truncated or damaged ({str(e) or type(e).__name__}); {redo}") from None
+        docs = info.get("docs")
+        if (offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1
+                or (docs is not None and len(offsets) != docs + 1)):
+            raise UserError(f"{p} holds {offsets.dtype}{list(offsets.shape)}, not the int64[{docs} + 1] "
+                            f"document starts meta.json describes; {redo}")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != info["tokens"]:
+            raise UserError(f"{p} does not span the {info['tokens']} tokens meta.json describes "
+                            f"(from {int(offsets[0])} to {int(offsets[-1])}); {redo}")
+        return offsets
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def max_token_id(self) -> int | None:
+        """The largest token id of the split (None when empty): as meta.json records it, or, for
+        a dataset written before it was recorded, from one pass over the tokens."""
+        if "max_token_id" in self.info:
+            return self.info["max_token_id"]
+        if not len(self.tokens):
+            return None
+        return max(int(self.tokens[i : i + self._SCAN].max()) for i in range(0, len(self.tokens), self._SCAN))
+
+    def check_vocab(self, vocab_size: int, whose: str = "the model's") -> None:
+        """``UserError`` if a token id of the split would index past a vocabulary of ``vocab_size``."""
+        top = self.max_token_id()
+        if top is not None and top >= vocab_size:
+            raise UserError(f"{self.bin_path} holds token id {top}, but {whose} vocabulary has {vocab_size} "
+                            f"tokens (ids 0 to {vocab_size - 1}); tokenise the data with the model's tokenizer")
 
     def num_sequences(self, seq_len: int) -> int:
         return max(0, (len(self.tokens) - 1) // seq_len)
@@ -208,11 +257,44 @@ def read_meta(path: str | os.PathLike) -> dict:
                         "(or dropup.data.TokenWriter)")
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e})") from None
+    redo = "re-create the dataset with `dropup data prepare`"
+    if not isinstance(meta, dict):
+        raise UserError(f"{p} is damaged: it holds a JSON {type(meta).__name__}, not an object; {redo}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{p} is not a {FORMAT} v{VERSION} dataset")
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{p} is damaged: {problem}; {redo}")
     return meta
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the keys a reader relies on, if anything."""
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype is {meta.get('dtype')!r}, not uint16 or uint32"
+    if not _count(meta.get("vocab_size")) or meta["vocab_size"] < 1:
+        return f"vocab_size is {meta.get('vocab_size')!r}, not a positive integer"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        if splits is None:
+            return "it has no 'splits' object"
+        return f"'splits' is a {type(splits).__name__}, not an object"
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            return f"split {name!r} is a {type(info).__name__}, not an object"
+        for key in ("tokens", "docs"):
+            if (key in info or key == "tokens") and not _count(info.get(key)):
+                return f"split {name!r} has {key} {info.get(key)!r}, not a count"
+        top = info.get("max_token_id")
+        if top is not None and not (_count(top) and top < meta["vocab_size"]):
+            return f"split {name!r} has max_token_id {top!r}, not an id below vocab_size {meta['vocab_size']}"
+    return None
 
 
 @dataclass
