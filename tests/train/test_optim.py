@@ -50,3 +50,16 @@ def test_train_config_rejects_unknown_state_dtype(tmp_path):
                    "optim: {state_dtype: int8}\nout_dir: r\n")
     with pytest.raises(UserError, match="state_dtype"):
         load_config(cfg, [])
+
+
+def test_bf16_states_stay_bf16_when_loaded():
+    # load_state_dict casts states to the parameters' dtype; a resumed run must keep bf16 moments
+    # (the memory it was sized for, and the same rounding as the run that was never stopped).
+    model, opt = _run(AdamW, state_dtype=torch.bfloat16)
+    saved = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+    fresh = AdamW([{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias, model[2].bias]}],
+                  state_dtype=torch.bfloat16)
+    fresh.load_state_dict(opt.state_dict())
+    for k, s in fresh.state_dict()["state"].items():
+        assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16
+        assert torch.equal(s["exp_avg"], saved[k]["exp_avg"]) and torch.equal(s["exp_avg_sq"], saved[k]["exp_avg_sq"])

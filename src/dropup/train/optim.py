@@ -29,6 +29,10 @@ class AdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
+        # load_state_dict casts every floating state to its parameter's dtype (fp32): left so, a
+        # resumed run would keep fp32 moments, use 4 more bytes per parameter and no longer round
+        # them as the run before the checkpoint did.
+        self.register_load_state_dict_post_hook(_restore_state_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,6 +67,12 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
+def _restore_state_dtype(opt: AdamW) -> None:
+    for state in opt.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state and state[key].dtype != opt.state_dtype:
+                state[key] = state[key].to(opt.state_dtype)
+
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
     """LR of optimizer step ``step`` (0-based): linear warm-up to ``lr`` over ``warmup_steps``,
@@ -82,6 +92,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, o: OptimSection) -> None:
+    """Set the config's AdamW hyperparameters on a resumed optimizer: loading a checkpoint
+    restores the ones it was saved with, which would silently override a changed config."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"], group["eps"] = tuple(o.betas), o.eps
+        group["weight_decay"] = o.weight_decay if i == 0 else 0.0  # the groups of param_groups
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimSection, lr: float, device_type: str) -> torch.optim.Optimizer:
