@@ -16,6 +16,9 @@ Example (every key except ``model`` and ``data`` has a default; see the README):
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,53 +41,103 @@ Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPU, fp32 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16"]
 
+# What a changed value means for ``--resume`` (compared with the checkpoint's trainer.json):
+#   fixed     the checkpoint's step would stand for other data, tokens or weights, so the run
+#             could not continue exactly: refused unless allow_resume_changes is set;
+#   schedule  allowed; the LR schedule changes from the resumed step on (a notice says so);
+#   free      allowed (intervals, micro-batch, numerics that do not move the data position);
+#   ignored   not compared (where the run is and how it is shown).
+# Every change that is not ignored is recorded in trainer.json and in the next metrics record.
+Resume = Literal["fixed", "schedule", "free", "ignored"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field (None: unbounded on that side). Every float, bounded or not,
+    must also be finite: NaN passes no comparison, so it would slip through ``x < 0`` tests."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, v) -> str | None:
+        """What ``v`` must be, if it is not."""
+        if isinstance(v, float) and not math.isfinite(v):
+            return "a finite number"
+        bounds = [(b, op) for b, op in ((self.ge, ">="), (self.gt, ">"), (self.le, "<="), (self.lt, "<"))
+                  if b is not None]
+        tests = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+        if all(tests[op](v, b) for b, op in bounds):
+            return None
+        return " and ".join(f"{op} {_num(b)}" for b, op in bounds)
+
+
+def _num(b: float) -> str:
+    if isinstance(b, int) and b > 2**32 and b & (b - 1) == 0:
+        return f"2^{b.bit_length() - 1}"
+    return str(b)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge=None, gt=None,
+            le=None, lt=None, resume: Resume = "free"):
+    """A config field with its range and resume rule, stated once beside its default
+    (``validate`` and ``resume_changes`` read them generically). For an optional field the range
+    applies when a value is given; for a tuple or list, to each element."""
+    return field(default=default, default_factory=factory,
+                 metadata={"range": Range(ge, gt, le, lt), "resume": resume})
+
 
 @dataclass
 class ModelSection:
-    init: str | None = None  # a Hugging Face checkpoint directory (dense or MoE) to start from
-    preset: str | None = None  # or a from-scratch shape: one of PRESETS
-    vocab_size: int | None = None  # presets only: override the preset's vocabulary
-    init_std: float = 0.02  # from-scratch: every matrix N(0, init_std^2), as the paper
-    moe_impl: MoeImpl = "auto"
+    init: str | None = setting(None, resume="fixed")  # a Hugging Face checkpoint directory (dense or MoE)
+    preset: str | None = setting(None, resume="fixed")  # or a from-scratch shape: one of PRESETS
+    vocab_size: int | None = setting(None, ge=1, resume="fixed")  # presets only: override the preset's vocabulary
+    init_std: float = setting(0.02, gt=0, resume="fixed")  # from-scratch: every matrix N(0, init_std^2)
+    moe_impl: MoeImpl = "auto"  # an implementation choice: the same function
 
 
 @dataclass
 class DatasetSection:
-    path: str = ""
-    weight: float = 1.0
+    path: str = setting("", resume="fixed")
+    weight: float = setting(1.0, gt=0, resume="fixed")
     name: str | None = None  # in logs (val_loss per dataset); default: the directory's name
 
 
 @dataclass
 class DataSection:
-    datasets: list[DatasetSection] = field(default_factory=list)
-    seq_len: int | None = None  # default: the model's max_position_embeddings
-    eval_batches: int = 4  # micro-batches per dataset in each validation pass
+    datasets: list[DatasetSection] = setting(factory=list, resume="fixed")
+    seq_len: int | None = setting(None, ge=1, resume="fixed")  # default: the model's max_position_embeddings
+    eval_batches: int = setting(4, ge=0)  # micro-batches per dataset in each validation pass
 
 
 @dataclass
 class BatchSection:
-    global_batch: int = 512  # sequences per optimizer step, over all ranks
-    micro_batch: int = 8  # sequences per forward pass on one rank
+    global_batch: int = setting(512, ge=1, resume="fixed")  # sequences per optimizer step, over all ranks
+    # The data order is a function of the global sample index, so the split into micro-batches
+    # may change on resume.
+    micro_batch: int = setting(8, ge=1)  # sequences per forward pass on one rank
 
 
 @dataclass
 class OptimSection:
-    lr: float | None = None  # None: the paper's 2e-4 for MoE models, 3e-4 for dense ones
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 2000
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    state_dtype: Dtype = "float32"  # AdamW moments: bfloat16 saves 4 bytes/parameter
+    lr: float | None = setting(None, gt=0, resume="schedule")  # None: the paper's 2e-4 (MoE), 3e-4 (dense)
+    min_lr: float | None = setting(None, ge=0, resume="schedule")  # None: lr / 10
+    warmup_steps: int = setting(2000, ge=0, resume="schedule")
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
+    eps: float = setting(1e-8, gt=0)
+    weight_decay: float = setting(0.1, ge=0)
+    grad_clip: float = setting(1.0, gt=0)  # a negative max norm would reverse every update
+    # Fixed on resume: the checkpoint's moments are stored in it, and bfloat16 ones do not load
+    # into a float32 AdamW.
+    state_dtype: Dtype = setting("float32", resume="fixed")  # AdamW moments: bfloat16 saves 4 bytes/parameter
 
 
 @dataclass
 class LossSection:
-    aux_loss_coef: float | None = None  # None: the checkpoint's router_aux_loss_coef (paper: 0.02)
+    aux_loss_coef: float | None = setting(None, ge=0)  # None: the checkpoint's router_aux_loss_coef (paper: 0.02)
     balance_mode: BalanceMode = "pooled"  # pooled is the paper's
-    z_loss_coef: float = 0.0  # router z-loss (ST-MoE); 0 = off
+    z_loss_coef: float = setting(0.0, ge=0)  # router z-loss (ST-MoE); 0 = off
 
 
 @dataclass
@@ -94,24 +147,27 @@ class TrainConfig:
     batch: BatchSection = field(default_factory=BatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
-    steps: int | None = None  # optimizer steps; or
-    tokens: int | None = None  # a token budget (rounded down to whole steps)
-    out_dir: str = "runs/train"
-    seed: int = 0
+    steps: int | None = setting(None, ge=1, resume="schedule")  # optimizer steps; or
+    tokens: int | None = setting(None, ge=1, resume="schedule")  # a token budget (rounded down to whole steps)
+    out_dir: str = setting("runs/train", resume="ignored")
+    seed: int = setting(0, ge=0, lt=2**64, resume="fixed")  # numpy and torch take seeds in [0, 2^64)
     precision: Precision = "auto"
     device: Device = "auto"
     compile: bool | None = None  # per-layer torch.compile; None: on CUDA only
-    log_interval: int = 10
-    eval_interval: int = 500  # 0 = only at the end
-    save_interval: int = 1000  # 0 = only at the end
-    keep_last: int = 2  # checkpoints kept in out_dir/ckpt
+    log_interval: int = setting(10, ge=1)
+    eval_interval: int = setting(500, ge=0)  # 0 = only at the end
+    save_interval: int = setting(1000, ge=0)  # 0 = only at the end
+    keep_last: int = setting(2, ge=1)  # checkpoints kept in out_dir/ckpt
     export_dtype: Dtype = "float32"  # dtype of the Hugging Face export in each checkpoint
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    max_bad_steps: int = setting(5, ge=1)  # stop after this many non-finite steps in a row
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests
-    progress: bool = True  # rich progress bar (on a terminal, rank 0)
+    progress: bool = setting(True, resume="ignored")  # rich progress bar (on a terminal, rank 0)
+    # --resume with a changed "fixed" setting (seed, global batch, seq_len, datasets, model):
+    # continue anyway, from the checkpoint's sample position, and record the change.
+    allow_resume_changes: bool = setting(False, resume="ignored")
 
     def validate(self) -> None:
-        _check_choices(self)
+        _check_fields(self)
         m = self.model
         if (m.init is None) == (m.preset is None):
             raise UserError("config: set exactly one of model.init (a checkpoint) or model.preset "
@@ -125,23 +181,15 @@ class TrainConfig:
         for d in self.data.datasets:
             if not d.path:
                 raise UserError("config: every entry of data.datasets needs a path")
-            if not d.weight > 0:
-                raise UserError(f"config: dataset {d.path} has weight {d.weight}; weights must be > 0")
         names = [d.name for d in self.data.datasets]
         if len(set(names)) != len(names):
             raise UserError(f"config: dataset names must be distinct, got {names}")
         if (self.steps is None) == (self.tokens is None):
             raise UserError("config: set exactly one of steps or tokens")
         b = self.batch
-        if b.micro_batch < 1 or b.global_batch < 1 or b.global_batch % b.micro_batch:
+        if b.global_batch % b.micro_batch:
             raise UserError(f"config: batch.global_batch ({b.global_batch}) must be a positive multiple of "
                             f"batch.micro_batch ({b.micro_batch})")
-        for key in ("log_interval", "keep_last", "max_bad_steps"):
-            if getattr(self, key) < 1:
-                raise UserError(f"config: {key} must be >= 1")
-        for key in ("eval_interval", "save_interval", "optim.warmup_steps"):
-            if _get(self, key) < 0:
-                raise UserError(f"config: {key} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,12 +230,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     return cfg
 
 
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _build(cls, raw: Any, where: str):
     """Instantiate dataclass ``cls`` from plain YAML data, checking every key and type."""
     if not isinstance(raw, dict):
@@ -209,15 +251,98 @@ def _check_choice(tp, value: Any, where: str):
     return value
 
 
-def _check_choices(obj, where: str = "") -> None:
-    """The Literal fields of a config built in code rather than read by ``_build``."""
+def _check_fields(obj, where: str = "") -> None:
+    """Every field of a config, read by ``_build`` or built in code: choices, ranges, finiteness."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+        value, key = getattr(obj, f.name), where + f.name
         if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{where}{f.name}.")
+            _check_fields(value, key + ".")
         elif typing.get_origin(hints[f.name]) is Literal:
-            _check_choice(hints[f.name], value, where + f.name)
+            _check_choice(hints[f.name], value, key)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    _check_fields(v, f"{key}[{i}].")
+                else:
+                    _check_number(f, v, key)
+        else:
+            _check_number(f, value, key)
+
+
+def _check_number(f: dataclasses.Field, value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    problem = f.metadata.get("range", Range()).problem(value)
+    if problem:
+        raise UserError(f"config: {key} must be {problem}, got {value!r}")
+
+
+def resume_kind(key: str) -> Resume:
+    """The resume rule of a flattened key such as ``data.datasets[1].weight``."""
+    cls, kind = TrainConfig, "free"
+    for part in key.split("."):
+        name = part.split("[")[0]
+        f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        if f is None:
+            return kind
+        kind = f.metadata.get("resume", "free")
+        tp = typing.get_type_hints(cls)[name]
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+        if cls is None:
+            break
+    return kind
+
+
+def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(x, dict):
+        return {k: v for key, sub in x.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    if isinstance(x, list) and any(isinstance(v, dict) for v in x):
+        out = {f"{prefix[:-1]}": len(x)}  # the number of entries: a dataset added or removed
+        for i, sub in enumerate(x):
+            out.update(_flatten(sub, f"{prefix[:-1]}[{i}]."))
+        return out
+    return {prefix[:-1]: x}
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+    kind: Resume
+
+    def __str__(self) -> str:
+        def short(v):
+            text = json.dumps(v)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        return f"{self.key} {short(self.old)} -> {short(self.new)}"
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, what: str) -> list[Change]:
+    """The settings of ``cfg`` that differ from a checkpoint's config (``saved``, as in its
+    trainer.json). ``UserError`` if a "fixed" one changed and ``allow_resume_changes`` is off.
+    Keys a checkpoint predates (absent from ``saved``) are not compared."""
+    old = _flatten(saved)
+    new = _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples as JSON lists, as saved
+    changes = [Change(k, old.get(k), new.get(k), resume_kind(k)) for k in sorted(old.keys() | new.keys())
+               if (k in old or _parent_list(k) in old) and old.get(k) != new.get(k)]
+    changes = [c for c in changes if c.kind != "ignored"]
+    fixed = [c for c in changes if c.kind == "fixed"]
+    if fixed and not cfg.allow_resume_changes:
+        raise UserError(f"--resume: {what} was trained with other settings: {'; '.join(map(str, fixed))}. "
+                        "These change the data order, the token count or the model, so the run would not "
+                        "continue as it began: restore them, or set allow_resume_changes: true to go on "
+                        "from the checkpoint anyway (the change is recorded)")
+    return changes
+
+
+def _parent_list(key: str) -> str:
+    # data.datasets[2].path of a dataset added on resume: compared because data.datasets was saved.
+    return key.split("[")[0]
 
 
 def _coerce(tp, value: Any, where: str):

@@ -12,18 +12,21 @@ global batch. A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`
 
 Reading order: ``setup`` builds a ``Run`` (data, model, ``RunPlan``, optimizer, resumed state);
 ``train_step`` is one optimizer step; ``evaluate`` the validation pass; ``_train`` the outer
-loop (LR schedule, logging, the non-finite streak, checkpoints).
+loop (LR schedule, logging, the non-finite streak, checkpoints), run under an exclusive lock on
+the run directory so that a second trainer cannot append to the same metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,14 +36,19 @@ import yaml
 from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
-from dropup.hub.atomic import atomic_write_text
+from dropup.hub.atomic import atomic_write_text, exclusive_lock
 from dropup.hub.config import ModelConfig
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
 from dropup.model.io import load_model
-from dropup.train.checkpoints import checkpoints, load_checkpoint, save_checkpoint
-from dropup.train.config import PRESETS, TrainConfig
+from dropup.train.checkpoints import checkpoints, find_resumable, load_checkpoint, save_checkpoint
+from dropup.train.config import PRESETS, Change, TrainConfig, resume_changes
 from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
-from dropup.train.optim import build_optimizer, lr_at, param_groups  # noqa: F401  (param_groups: re-export)
+from dropup.train.optim import (  # noqa: F401  (param_groups: re-export)
+    apply_settings,
+    build_optimizer,
+    lr_at,
+    param_groups,
+)
 from dropup.train.plan import RunPlan, plan_run
 
 # ---- setup -------------------------------------------------------------------------------------
@@ -74,6 +82,39 @@ def setup_distributed(device_pref: str) -> Dist:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def on_rank0(d: Dist, fn: Callable):
+    """``fn()`` on rank 0 only; every rank gets its result, or raises the ``UserError`` it raised,
+    so that all processes stop together instead of the others waiting in a collective."""
+    result, error = None, None
+    if d.rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if d.world > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def note(d: Dist, text: str) -> None:
+    if d.rank == 0:
+        print(f"dropup train: {text}", file=sys.stderr, flush=True)
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``.NAME.dropup-lock`` beside the run directory, held while training."""
+    run_dir = run_dir.resolve()
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir.parent} for out_dir ({e.strerror}); choose another out_dir") from None
+    return exclusive_lock(run_dir.parent / f".{run_dir.name}.dropup-lock", f"run directory {run_dir}")
 
 
 def open_data(cfg: TrainConfig) -> tuple[list[Source], dict]:
@@ -178,12 +219,27 @@ def _json_safe(x):
     return x
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step``: a killed run may have logged past its last checkpoint."""
+def _truncate_metrics(path: Path, step: int) -> list[int]:
+    """Drop records after ``step`` (a killed run may have logged past its last checkpoint) and
+    lines that are not records (a run killed while writing one leaves half a line); returns the
+    numbers of the latter."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        return []
+    keep, unreadable = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+            if not isinstance(record_step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            unreadable.append(i)
+            continue
+        if record_step <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return unreadable
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -193,7 +249,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run training as configured; returns the run directory."""
     d = setup_distributed(cfg.device)
     try:
-        return _train(cfg, resume, d)
+        with contextlib.ExitStack() as held:
+            on_rank0(d, lambda: held.enter_context(lock_run_dir(Path(cfg.out_dir))))
+            return _train(cfg, resume, d)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -201,8 +259,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 @dataclass
 class Run:
-    """What ``setup`` builds and every step uses. ``step`` (optimizer steps done) and
-    ``bad_in_row`` are the trainer's state that a checkpoint restores besides weights and optimizer."""
+    """What ``setup`` builds and every step uses. ``step`` (optimizer steps done), ``samples``
+    (sequences read: the data position), ``tokens`` and ``bad_in_row`` are the trainer's state
+    that a checkpoint restores besides weights and optimizer; ``samples`` and ``tokens`` are
+    ``step`` times the batch unless a resume changed the batch (``config_changes`` says when)."""
 
     cfg: TrainConfig
     d: Dist
@@ -215,28 +275,41 @@ class Run:
     run_dir: Path
     step: int = 0
     bad_in_row: int = 0
+    samples: int = 0
+    tokens: int = 0
+    config_changes: list[dict] = field(default_factory=list)  # [{"step": N, "changes": {key: [old, new]}}]
+    unlogged_changes: dict | None = None  # this resume's changes, for the next metrics record
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.plan.bf16 else nullcontext()
 
     def trainer_state(self) -> dict:  # a checkpoint's trainer.json
-        return {"step": self.step, "tokens": self.step * self.plan.tokens_per_step, "bad_in_row": self.bad_in_row,
-                "world_size": self.d.world, "config": self.cfg.to_dict()}
+        state = {"step": self.step, "tokens": self.tokens, "bad_in_row": self.bad_in_row,
+                 "world_size": self.d.world, "config": self.cfg.to_dict()}
+        if self.config_changes:  # else samples is step x global batch, as every run before changes
+            state.update(samples=self.samples, config_changes=self.config_changes)
+        return state
 
 
 def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
     """Everything before the first step: data, model, plan, compile and sharding, optimizer, and
-    the latest checkpoint's state when resuming. Rank 0 writes config.yaml."""
+    the newest intact checkpoint's state when resuming. Rank 0 writes config.yaml."""
     run_dir = Path(cfg.out_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    found = checkpoints(run_dir)
-    if not resume and (found or metrics_path.exists()):
+    if not resume and (checkpoints(run_dir) or metrics_path.exists()):
         raise UserError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                         "or choose another out_dir")
+    ckpt, saved, changes = None, None, []
+    if resume:
+        ckpt = on_rank0(d, lambda: _choose_checkpoint(run_dir, d))
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer.json").read_text())
+        changes = resume_changes(saved.get("config", {}), cfg, ckpt.name)  # the same on every rank
 
     sources, data_info = open_data(cfg)
     model = make_model(cfg, data_info["vocab_size"])
     mcfg = model.config
+    check_token_ids(cfg, mcfg.vocab_size)
     plan = plan_run(cfg, mcfg, d.world, d.device.type)
     mixture = Mixture(sources, plan.seq_len, cfg.seed)
     val_sets = open_validation(cfg, plan.seq_len, plan.micro_batch)
@@ -250,14 +323,55 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
     optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
     run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir)
 
-    if resume and found:
-        state = load_checkpoint(found[-1][1], model, optimizer)
-        run.step, run.bad_in_row = state["step"], state["bad_in_row"]
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        apply_settings(optimizer, cfg.optim)
+        _restore(run, state, saved, changes)
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _truncate_metrics(metrics_path, run.step)
+        unreadable = _truncate_metrics(metrics_path, run.step)
+        if unreadable:
+            note(d, f"warning: dropped line {', '.join(map(str, unreadable))} of {metrics_path}: not a "
+                    "complete record (a run killed while logging leaves half a line)")
     return run
+
+
+def _choose_checkpoint(run_dir: Path, d: Dist) -> Path | None:
+    path, notes = find_resumable(run_dir)
+    for line in notes:
+        note(d, f"warning: {line}")
+    return path
+
+
+def _restore(run: Run, state: dict, saved: dict, changes: list[Change]) -> None:
+    """The trainer's state from a checkpoint's trainer.json, and this resume's changes."""
+    old_batch = saved.get("config", {}).get("batch", {}).get("global_batch", run.plan.global_batch)
+    run.step, run.bad_in_row = state["step"], state["bad_in_row"]
+    run.samples = state.get("samples", run.step * old_batch)
+    run.tokens = state.get("tokens", run.step * run.plan.tokens_per_step)
+    run.config_changes = list(state.get("config_changes", []))
+    if not changes:
+        return
+    diff = {c.key: [c.old, c.new] for c in changes}
+    run.config_changes.append({"step": run.step, "changes": diff})
+    run.unlogged_changes = diff
+    text = f"resuming from step {run.step} with changed settings: {', '.join(map(str, changes))}"
+    if any(c.kind == "schedule" for c in changes):
+        text += (f"; the LR schedule (warm-up, then cosine to min_lr at step {run.plan.total_steps}) "
+                 f"changes from step {run.step} on")
+    if any(c.kind == "fixed" for c in changes):
+        text += (f"; allow_resume_changes: reading on from sample {run.samples}, the run no longer "
+                 "continues as it began")
+    note(run.d, text)
+
+
+def check_token_ids(cfg: TrainConfig, vocab_size: int) -> None:
+    """Every split's largest token id against the model's vocabulary (an id past it would index
+    past the embedding: an IndexError on a CPU, a device-side assert on a GPU)."""
+    for spec in cfg.data.datasets:
+        for split in TokenFile(spec.path, "train").meta["splits"]:
+            TokenFile(spec.path, split).check_vocab(vocab_size)
 
 
 @dataclass(frozen=True)
@@ -282,7 +396,7 @@ def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
     sums = torch.zeros(3, device=d.device)  # lm, aux, z over this rank's micro-batches
     for m in range(plan.accum):
         j = m * d.world + d.rank  # the micro-batch's index within the global batch
-        batch = run.mixture.batch(run.step * plan.global_batch + j * plan.micro_batch, plan.micro_batch)
+        batch = run.mixture.batch(run.samples + j * plan.micro_batch, plan.micro_batch)
         batch = batch.to(d.device)
         with run.autocast():  # the loss comes chunked from the model: no full logits in memory
             lm, router_logits = model(batch[:, :-1], return_router_logits=True, targets=batch[:, 1:])
@@ -359,13 +473,15 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             stats = RouterStats() if (log_now and run.mcfg.is_moe) else None
             out = train_step(run, stats)
             run.step = step_no
+            run.samples += plan.global_batch
+            run.tokens += plan.tokens_per_step
             run.bad_in_row = 0 if out.finite else run.bad_in_row + 1
             window_time += time.perf_counter() - t0
             window_steps += 1
             log.tick(run.step)
 
             if log_now or not out.finite:
-                record = {"step": run.step, "tokens": run.step * plan.tokens_per_step, "lr": lr, "loss": out.loss,
+                record = {"step": run.step, "tokens": run.tokens, "lr": lr, "loss": out.loss,
                           "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm,
                           "tokens_per_s": window_steps * plan.tokens_per_step / window_time if window_time else None}
                 if cfg.loss.z_loss_coef:
@@ -376,6 +492,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
                     record.update(stats.reduce() or {})
                 if eval_now:
                     record["val_loss"] = evaluate(run)
+                if run.unlogged_changes:
+                    record["config_changes"], run.unlogged_changes = run.unlogged_changes, None
                 log.write(record)
                 window_time, window_steps = 0.0, 0
             if run.bad_in_row >= cfg.max_bad_steps:
