@@ -5,7 +5,8 @@ Everything dropup writes as a directory (converted checkpoints, exported models,
 checkpoints, datasets, the corpus) is assembled in a hidden temporary directory beside its final
 path and moved into place only once complete. On any failure, Ctrl-C included, the temporary is
 removed and the final path is left as it was; a process killed outright leaves only a
-dot-directory, never something that looks finished.
+dot-directory, never something that looks finished, and the next write of the same output
+removes it. One process at a time writes an output (``exclusive_lock``); a second one is refused.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +38,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[bool]:
     processes apart, on one machine or on filesystems whose ``flock`` spans machines.
     """
     path = Path(path)
+    locked = True
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -50,17 +53,18 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[bool]:
                             f"{f' (pid {holder})' if holder else ''}; wait for it to finish or "
                             "choose another path") from None
         except OSError as e:
-            os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                os.close(fd)
                 raise
-            yield False
-            return
+            locked = False
+            break
         # The lock file is removed on exit (no litter beside every output), so the file we
         # opened may have been unlinked by its holder between our open and our flock: then we
         # hold a lock on an inode no one else can reach, and must start over with the file now
         # at ``path``. The holder unlinks before it unlocks, so once the inode at ``path`` is the
-        # one we locked, every other process either waits on this inode or opens a newer one and
-        # finds it taken: never two holders.
+        # one we locked, every other process that opens ``path`` gets this inode and is refused
+        # until we unlink it; whoever opens it after that creates a new one, by which time we are
+        # past the block: never two holders at once.
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
@@ -68,14 +72,34 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[bool]:
         if same:
             break
         os.close(fd)
+    _HELD.add(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield True
+        with contextlib.suppress(OSError):  # the pid is for the refusal message only
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield locked
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        _HELD.discard(fd)
         os.close(fd)
+
+
+# A flock belongs to the open file, which a forked child shares: the tokenizer workers of
+# `data prepare`, forked while its output is locked, would hold the lock for as long as they
+# live, and they outlive a parent killed with SIGKILL, so every later run would be refused.
+# Children close their copies; the parent's descriptor alone keeps the lock.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _read_pid(fd: int) -> int | None:
@@ -100,7 +124,9 @@ def _os_error(e: OSError, what: str, where: Path) -> Exception:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, existing: Existing = "refuse", label: str = "OUT",
                advice: str = "choose another path", tmp_name: str | None = None,
-               stale: str | None = None) -> Iterator[Path]:
+               stale: str | None = None,
+               protect: Iterable[tuple[str, str | os.PathLike]] = (),
+               full_advice: str = "free space") -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on success it becomes ``out``.
 
     ``existing`` says what happens when ``out`` already holds something:
@@ -114,36 +140,135 @@ def atomic_dir(out: str | os.PathLike, *, existing: Existing = "refuse", label: 
       that the new directory lacks are removed (the previous weights' other shards), and the new
       files matching it move in before the rest (weights before config.json).
 
+    Refused before anything is written, whatever ``existing`` says, each with one ``UserError``
+    line: an ``out`` that is not a directory, a symbolic link that points nowhere, the current
+    directory or one holding it (unless merging), an ``out`` that is, is inside or holds one of
+    the ``protect`` paths (``(what, path)`` pairs, e.g. ``("SRC", src)``; symbolic links
+    resolved), a location that cannot be written, and an ``out`` another process is writing:
+    one writer per output, through an ``exclusive_lock`` on ``.{name}.dropup-lock`` beside it,
+    held until the output is in place. A disk that fills up while writing is one line too,
+    ``... filled up while writing; {full_advice} and run again. Nothing was written``.
+
     The temporary is ``.{out.name}.dropup-tmp-{pid}`` unless ``tmp_name`` names it (callers in
-    several processes need a name they all know). An ``out`` that is not a directory is refused
-    whatever ``existing`` says.
+    several processes need a name they all know). Temporaries left beside ``out`` by killed
+    writers are removed on entry; a previous ``out`` that a killed ``replace`` had moved aside
+    is put back first. Symbolic links in ``out`` are resolved: the output replaces what the
+    link points to and the link stays.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{label} {out} exists and is not a directory; choose another path")
-    if existing == "refuse" and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{label} {out} is not empty; {advice}")
-    parent = out.resolve().parent
+    given = Path(out)
+    final = _final_path(given, label, existing)
+    for what, path in protect:
+        _check_apart(given, final, label, what, Path(path))
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{label} {given} exists and is not a directory; choose another path")
+    parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the parent directory of {label}, {parent} ({e.strerror})") from None
-    tmp = parent / (tmp_name or f".{out.name}.dropup-tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        if not out.exists():
-            tmp.rename(out)
-        elif existing == "merge":
-            _merge(tmp, out, stale)
-        else:
-            old = parent / f".{out.name}.dropup-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
+    what = f"{label} {given}"
+    with exclusive_lock(parent / f".{final.name}.dropup-lock", what) as locked:
+        # Everything below runs under the lock, the emptiness check included: a second writer
+        # can neither slip its output in between our check and our rename nor remove our
+        # temporary as a leftover.
+        _remove_leftovers(final, tmp_name, locked)
+        if existing == "refuse" and final.is_dir() and any(final.iterdir()):
+            raise UserError(f"{label} {given} is not empty; {advice}")
+        tmp = parent / (tmp_name or f".{final.name}.dropup-tmp-{os.getpid()}")
+        old = parent / f".{final.name}.dropup-old-{os.getpid()}"
+        try:
+            try:
+                tmp.mkdir()
+            except OSError as e:
+                raise _os_error(e, what, parent) from None
+            yield tmp
+            if not final.exists():
+                tmp.rename(final)
+            elif existing == "merge":
+                _merge(tmp, final, stale)
+            else:
+                final.rename(old)
+                tmp.rename(final)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"the disk holding {given} filled up while writing; {full_advice} "
+                                "and run again. Nothing was written") from None
+            raise
+        finally:
+            if os.path.lexists(old) and not final.exists():
+                old.rename(final)  # stopped between the two renames: the previous output is whole
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+
+
+def _final_path(given: Path, label: str, existing: Existing) -> Path:
+    if given.is_symlink() and not given.exists():
+        raise UserError(f"{label} {given} is a symbolic link to {os.readlink(given)}, which does not "
+                        "exist; remove the link or choose another path")
+    final = given.resolve()
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # already deleted: nothing to protect
+        return final
+    # Renaming the current directory away would leave the shell in a deleted directory (and
+    # '.' itself cannot be renamed): refused before the work rather than after it.
+    if existing != "merge" and (final == cwd or final in cwd.parents):
+        raise UserError(f"{label} {given} {'is' if final == cwd else 'holds'} the current directory, "
+                        "which cannot be replaced; name a new directory")
+    return final
+
+
+def _check_apart(given: Path, final: Path, label: str, what: str, path: Path) -> None:
+    src = path.resolve()
+    if final == src:
+        relation = "is"
+    elif src in final.parents:
+        relation = "is inside"
+    elif final in src.parents:
+        relation = "holds"
+    else:
+        return
+    raise UserError(f"{label} {given} {relation} {what} {path}; {label} must be apart from {what} "
+                    "(neither it, inside it nor holding it): choose another path")
+
+
+def _remove_leftovers(final: Path, tmp_name: str | None, locked: bool) -> None:
+    """Remove what killed writers of ``final`` left beside it (SIGKILL, power loss: no
+    ``finally`` ran), as large as the output itself.
+
+    Holding the lock, everything of this output's is a leftover: its writer held the same lock,
+    so it is gone, whatever its pid says (a pid may have been reused by an unrelated process, or
+    belong to another pid namespace). Without a lock (no ``flock`` on this filesystem) only the
+    temporaries of pids that no longer exist are removed.
+    """
+    parent, mine = final.parent, os.getpid()
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.dropup-(tmp|old)-(\d+)")
+    found = []
+    for p in parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and (locked or int(m[2]) == mine or not _alive(int(m[2]))):
+            found.append((m[1], p))
+    if tmp_name and os.path.lexists(parent / tmp_name):
+        found.append(("tmp", parent / tmp_name))
+    # A writer killed between moving the previous output aside and moving the new one in left
+    # both whole; the previous one is what the user last saw finished, so it goes back.
+    for kind, p in sorted(found, key=lambda kp: kp[0] != "old"):
+        if kind == "old" and not os.path.lexists(final):
+            p.rename(final)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _merge(tmp: Path, out: Path, stale: str | None) -> None:
