@@ -9,9 +9,10 @@ written, then computed by a pool of threads and streamed to disk in plan order.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
+import math
+import numbers
 import os
 import sys
 import threading
@@ -71,15 +72,8 @@ class UpcycleOptions:
 
     def validate(self) -> None:
         check_choices(self)
-        if not 0.0 <= self.ratio <= 1.0:
-            raise UserError(f"--ratio {self.ratio} is outside [0, 1]; 0.5 is the paper's choice")
-        if self.num_experts < 2:
-            raise UserError(f"--num-experts {self.num_experts}: an MoE needs at least 2 experts")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise UserError(f"--top-k {self.top_k} is outside [1, num_experts={self.num_experts}]")
-        for name in ("noise_std", "router_std", "init_std"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative")
+        for name, rule in _NUMERIC.items():
+            setattr(self, name, rule.check(name, getattr(self, name), self))
         takes_sources = METHODS[self.method].sources
         if self.sources and not takes_sources:
             raise UserError("--sources is only used with --method "
@@ -87,7 +81,63 @@ class UpcycleOptions:
         if takes_sources and not self.sources:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
-        parse_size(self.max_shard_size)
+        _check_shard_size(self.max_shard_size)
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The values a numeric option may take: finite, of its type, within [low, high] (``high``
+    None: unbounded; a field name: that field's value)."""
+
+    low: float
+    high: float | str | None
+    integer: bool
+    hint: str
+
+    def check(self, name: str, value, opts: UpcycleOptions):
+        flag = "--" + name.replace("_", "-")
+        kind = numbers.Integral if self.integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"{flag} {value!r} is not {'an integer' if self.integer else 'a number'}; "
+                            f"{self.hint}")
+        if type(value) not in (int, float):  # a numpy scalar: upcycling.json needs a plain number
+            value = int(value) if self.integer else float(value)
+        # NaN fails every comparison, so without this it would pass any range test below
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {value} is not a finite number; {self.hint}")
+        high = getattr(opts, self.high) if isinstance(self.high, str) else self.high
+        if value < self.low or (high is not None and value > high):
+            upper = ("inf)" if high is None else
+                     f"{self.high}={high}]" if isinstance(self.high, str) else f"{high}]")
+            raise UserError(f"{flag} {value} is outside [{self.low}, {upper}; {self.hint}")
+        return value
+
+
+_STD = "a standard deviation is finite and >= 0 (default 0.02)"
+# Every numeric option of UpcycleOptions, checked in this order (num_experts before top_k).
+_NUMERIC: dict[str, _Range] = {
+    "ratio": _Range(0, 1, False, "0.5 is the paper's choice"),
+    "num_experts": _Range(2, None, True, "an MoE needs at least 2 experts"),
+    "top_k": _Range(1, "num_experts", True, "each token goes to 1 to num_experts experts (the paper: 2)"),
+    "seed": _Range(0, 2**63 - 1, True, "a seed is an integer in [0, 2**63)"),
+    "noise_std": _Range(0, None, False, _STD),
+    "router_std": _Range(0, None, False, _STD),
+    "init_std": _Range(0, None, False, _STD),
+    "aux_loss_coef": _Range(0, None, False, "the load-balancing coefficient is finite and >= 0 "
+                            "(default 0.02; 0 turns the loss off)"),
+    "threads": _Range(0, None, True, "0 means one thread per core"),
+}
+
+
+def _check_shard_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, str | int):
+        raise UserError(f"--max-shard-size {size!r} is not a size; write e.g. 5GB or 500MB")
+    try:
+        value = parse_size(size)
+    except OverflowError:  # 'inf', '1e999GB'
+        raise UserError(f"--max-shard-size {size!r} is not a size; write e.g. 5GB or 500MB") from None
+    if value <= 0:
+        raise UserError(f"--max-shard-size {size!r} must be positive")
 
 
 @dataclass
@@ -299,29 +349,25 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
     ctx = Context(opts, method, shape, target, out_dtype, sources)
     plan = _plan(ctx)
     total = sum(spec.nbytes for spec, _ in plan)
-    try:
-        with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
-                        advice="pass --overwrite to replace it or choose another path") as tmp:
-            check_free_space(out, total + (64 << 20))
-            with ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size)) as writer:
-                ctx.writer = writer
-                _run_plan(plan, writer, opts)
-            (tmp / "config.json").write_text(config_json(config))
-            side = main.copy_side_files(tmp)
-            for (layer, expert), entry in ctx.experts.items():
-                entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
-            provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
-            (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
-            if opts.verify:
-                from dropup.convert.verify import verify
+    with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
+                    advice="pass --overwrite to replace it or choose another path",
+                    protect=[("SRC", src), *(("btx source", s) for s in opts.sources)],
+                    full_advice="free space (see upcycle's size estimate)") as tmp:
+        check_free_space(out, total + (64 << 20))
+        with ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size)) as writer:
+            ctx.writer = writer
+            _run_plan(plan, writer, opts)
+        (tmp / "config.json").write_text(config_json(config))
+        side = main.copy_side_files(tmp)
+        for (layer, expert), entry in ctx.experts.items():
+            entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
+        provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
+        (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        if opts.verify:
+            from dropup.convert.verify import verify
 
-                provenance["verify"] = verify(main.path, tmp, provenance)
-                (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"the disk holding {out} filled up while writing; free space (see "
-                            "upcycle's size estimate) and run again. Nothing was written") from None
-        raise
+            provenance["verify"] = verify(main.path, tmp, provenance)
+            (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return provenance
 
 
