@@ -11,8 +11,8 @@ import signal
 import sys
 import threading
 
-from dropup.choices import choices
 from dropup.errors import UserError
+from dropup.options import choices
 
 
 class Parser(argparse.ArgumentParser):

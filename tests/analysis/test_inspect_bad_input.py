@@ -156,11 +156,11 @@ def test_malformed_expert_tensor(moe, capsys, name, value, needle):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("num_local_experts", "4", "num_experts is '4', not a positive integer"),
-    ("num_local_experts", -4, "num_experts is -4"),
-    ("num_experts_per_tok", 8, "num_experts_per_tok 8 is more than num_experts 4"),
-    ("num_experts_per_tok", 0, "num_experts_per_tok is 0"),
-    ("num_experts_per_tok", 2.0, "num_experts_per_tok is 2.0"),
+    ("num_local_experts", "4", "config.json 'num_local_experts' must be an integer, got '4'"),
+    ("num_local_experts", -4, "config.json 'num_local_experts' must be >= 1, got -4"),
+    ("num_experts_per_tok", 8, "num_experts_per_tok (8) must be in 1..num_experts (4)"),
+    ("num_experts_per_tok", 0, "config.json 'num_experts_per_tok' must be >= 1, got 0"),
+    ("num_experts_per_tok", 2.0, "config.json 'num_experts_per_tok' must be an integer, got 2.0"),
 ])
 def test_config_counts_of_the_wrong_type(moe, capsys, key, value, needle):
     _edit_json(moe / "config.json", _set(key, value))

@@ -10,13 +10,13 @@ import typing
 import pytest
 
 from dropup import upcycle
-from dropup.choices import literal_args
 from dropup.cli import build_parser
 from dropup.convert.methods import METHODS
 from dropup.convert.upcycle import UpcycleOptions
 from dropup.convert.verify import expects_dense_logits
 from dropup.data.prepare import PrepareOptions
 from dropup.errors import UserError
+from dropup.options import literal_args
 
 
 def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:

@@ -97,3 +97,12 @@ def test_inspect_reads_through_the_same_reader(dense_models, tmp_path):
     r = inspect_checkpoint(out, similarity=False)
     assert (r["num_experts"], r["top_k"], r["expert_intermediate_size"]) == (
         cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "32"), ("num_hidden_layers", 2.0),
+                                        ("num_attention_heads", -4), ("vocab_size", True)])
+def test_sizes_that_are_not_positive_integers_are_one_line(key, value):
+    d = _hf_config("llama", **{key: value})
+    for read in (ModelConfig.from_hf, dense_shape):
+        with pytest.raises(UserError, match=f"config.json '{key}' must be"):
+            read(d)

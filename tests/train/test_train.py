@@ -203,7 +203,7 @@ def test_config_yaml_and_set_overrides(tmp_path, datasets):
 
 
 def test_choice_lists_are_the_modules_own():
-    from dropup.choices import choices
+    from dropup.options import choices
     from dropup.model.decoder import MOE_IMPLS
     from dropup.train.config import LossSection, ModelSection
     from dropup.train.losses import BALANCE_MODES

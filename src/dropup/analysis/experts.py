@@ -27,17 +27,10 @@ def _moe_config(ck: CheckpointReader) -> ModelConfig:
     if cfg.model_type not in archs.TARGET_TYPES:
         raise UserError(f"inspect: model_type {cfg.model_type!r} is not an MoE dropup knows; expected one "
                         f"of {', '.join(archs.TARGET_TYPES)}")
-    # These counts size loops and tensors: a string or a negative number in config.json would
-    # otherwise surface as a TypeError deep inside the similarity computation.
-    for name in ("num_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size",
-                 "moe_intermediate_size"):
-        value = getattr(cfg, name)
-        if type(value) is not int or value < 1:
-            raise UserError(f"inspect: {ck.path / 'config.json'}: {name} is {value!r}, not a positive "
-                            "integer; it is not a valid MoE config")
-    if cfg.num_experts_per_tok > cfg.num_experts:
-        raise UserError(f"inspect: {ck.path / 'config.json'}: num_experts_per_tok "
-                        f"{cfg.num_experts_per_tok} is more than num_experts {cfg.num_experts}")
+    try:
+        cfg.validate()  # e.g. top-k within the expert count: the similarity loops rely on it
+    except UserError as e:
+        raise UserError(f"inspect: {ck.path / 'config.json'}: {e}") from None
     return cfg
 
 

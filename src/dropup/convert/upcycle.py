@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import numbers
 import os
 import sys
 import threading
@@ -28,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from dropup.choices import check_choices
 from dropup.convert import surgery
+from dropup.options import check_choices, check_ranges, ranged
 from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction, non_ffn_tensor,
                                     shared_expert_matrix)
 from dropup.errors import UserError
@@ -46,34 +44,40 @@ from dropup.hub.safetensors import (
 )
 
 
+_STD = "a standard deviation; default 0.02"
+
+
 @dataclass
 class UpcycleOptions:
     method: MethodName = "drop"
-    ratio: float = 0.5
-    num_experts: int = 8
-    top_k: int = 2
-    seed: int = 0
+    ratio: float = ranged(0.5, ge=0, le=1, hint="0.5 is the paper's choice")
+    num_experts: int = ranged(8, ge=2, integer=True, hint="an MoE needs at least 2 experts")
+    top_k: int = ranged(2, ge=1, le="num_experts", integer=True, hint="the paper routes each token to 2")
+    seed: int = ranged(0, ge=0, le=2**63 - 1, integer=True)
     # shared: one neuron set per expert for gate, up and down; per-matrix: one set per matrix
     index_sampling: Literal["shared", "per-matrix"] = "shared"
     reinit_stats: Literal["slice", "matrix"] = "slice"  # moments of the replaced slice or whole matrix
-    noise_std: float = 0.02
+    noise_std: float = ranged(0.02, ge=0, hint=_STD)
     router_init: Literal["uniform", "normal", "zeros"] = "uniform"
-    router_std: float = 0.02
-    init_std: float = 0.02  # scratch
+    router_std: float = ranged(0.02, ge=0, hint=_STD)
+    init_std: float = ranged(0.02, ge=0, hint=_STD)  # scratch
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
     target: Literal["auto", *archs.TARGET_TYPES] = "auto"
-    aux_loss_coef: float = 0.02
+    aux_loss_coef: float = ranged(0.02, ge=0, hint="the load-balancing coefficient; 0 turns the loss off")
     dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
     overwrite: bool = False
     verify: bool = False
-    threads: int = 0  # 0: one per core, at most 8
+    threads: int = ranged(0, ge=0, integer=True, hint="0: one thread per core, at most 8")
     progress: bool = True
 
     def validate(self) -> None:
         check_choices(self)
-        for name, rule in _NUMERIC.items():
-            setattr(self, name, rule.check(name, getattr(self, name), self))
+        check_ranges(self)
+        for f in dataclasses.fields(self):  # numpy scalars pass the checks; upcycling.json needs plain numbers
+            value = getattr(self, f.name)
+            if "range" in f.metadata and type(value) not in (int, float):
+                setattr(self, f.name, int(value) if f.metadata["range"].integer else float(value))
         takes_sources = METHODS[self.method].sources
         if self.sources and not takes_sources:
             raise UserError("--sources is only used with --method "
@@ -82,51 +86,6 @@ class UpcycleOptions:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
         _check_shard_size(self.max_shard_size)
-
-
-@dataclass(frozen=True)
-class _Range:
-    """The values a numeric option may take: finite, of its type, within [low, high] (``high``
-    None: unbounded; a field name: that field's value)."""
-
-    low: float
-    high: float | str | None
-    integer: bool
-    hint: str
-
-    def check(self, name: str, value, opts: UpcycleOptions):
-        flag = "--" + name.replace("_", "-")
-        kind = numbers.Integral if self.integer else numbers.Real
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise UserError(f"{flag} {value!r} is not {'an integer' if self.integer else 'a number'}; "
-                            f"{self.hint}")
-        if type(value) not in (int, float):  # a numpy scalar: upcycling.json needs a plain number
-            value = int(value) if self.integer else float(value)
-        # NaN fails every comparison, so without this it would pass any range test below
-        if not math.isfinite(value):
-            raise UserError(f"{flag} {value} is not a finite number; {self.hint}")
-        high = getattr(opts, self.high) if isinstance(self.high, str) else self.high
-        if value < self.low or (high is not None and value > high):
-            upper = ("inf)" if high is None else
-                     f"{self.high}={high}]" if isinstance(self.high, str) else f"{high}]")
-            raise UserError(f"{flag} {value} is outside [{self.low}, {upper}; {self.hint}")
-        return value
-
-
-_STD = "a standard deviation is finite and >= 0 (default 0.02)"
-# Every numeric option of UpcycleOptions, checked in this order (num_experts before top_k).
-_NUMERIC: dict[str, _Range] = {
-    "ratio": _Range(0, 1, False, "0.5 is the paper's choice"),
-    "num_experts": _Range(2, None, True, "an MoE needs at least 2 experts"),
-    "top_k": _Range(1, "num_experts", True, "each token goes to 1 to num_experts experts (the paper: 2)"),
-    "seed": _Range(0, 2**63 - 1, True, "a seed is an integer in [0, 2**63)"),
-    "noise_std": _Range(0, None, False, _STD),
-    "router_std": _Range(0, None, False, _STD),
-    "init_std": _Range(0, None, False, _STD),
-    "aux_loss_coef": _Range(0, None, False, "the load-balancing coefficient is finite and >= 0 "
-                            "(default 0.02; 0 turns the loss off)"),
-    "threads": _Range(0, None, True, "0 means one thread per core"),
-}
 
 
 def _check_shard_size(size) -> None:

@@ -33,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dropup.data.prepare import MAX_MB, check_number
+from dropup.data.prepare import MAX_MB
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
+from dropup.options import check_ranges, ranged
 
 DOMAINS = ("code", "prose", "c")
+_NOT_FLAGS = ("min_chars", "max_file_kb")  # Python-only options: named as fields, not flags
 _SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "dist-packages"}
 _NOT_PROSE = re.compile(r"^(license|licence|copying|notice|authors|contributors|requirements|"
                         r"entry_points|top_level|sources|dependency_links|installer|record|wheel)",
@@ -47,11 +49,12 @@ _NOT_PROSE = re.compile(r"^(license|licence|copying|notice|authors|contributors|
 @dataclass
 class CorpusOptions:
     out: str
-    max_mb: float = 8.0  # text per domain (MB of UTF-8); 0 = everything found
+    max_mb: float = ranged(8.0, ge=0, le=MAX_MB, hint="0: everything found")  # text per domain (MB of UTF-8)
     domains: tuple[str, ...] = DOMAINS
-    seed: int = 0
-    min_chars: int = 200  # shorter documents carry little text
-    max_file_kb: int = 256  # larger files are mostly generated tables (unicode data, API dumps)
+    seed: int = ranged(0, ge=0, le=2**64 - 1, integer=True)
+    min_chars: int = ranged(200, ge=0, le=2**63 - 1, integer=True)  # shorter documents carry little text
+    # larger files are mostly generated tables (unicode data, API dumps)
+    max_file_kb: int = ranged(256, ge=1, le=2**53, integer=True)
 
     def validate(self) -> None:
         """Every option checked at once, before anything is read or written."""
@@ -62,10 +65,7 @@ class CorpusOptions:
             # A domain named twice would rewrite its own file with nothing (all duplicates).
             raise UserError(f"--domains {' '.join(self.domains) or '(none)'}: name each domain once, "
                             f"from {', '.join(DOMAINS)}")
-        check_number("--max-mb", self.max_mb, 0, MAX_MB, hint="0: everything found")
-        check_number("--seed", self.seed, 0, 2**64 - 1, integer=True)
-        check_number("min_chars", self.min_chars, 0, 2**63 - 1, integer=True)
-        check_number("max_file_kb", self.max_file_kb, 1, 2**53, integer=True)
+        check_ranges(self, label=lambda n: n if n in _NOT_FLAGS else "--" + n.replace("_", "-"))
 
 
 # ---- where the text is ---------------------------------------------------------------------------

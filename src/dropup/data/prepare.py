@@ -15,9 +15,7 @@ import errno
 import hashlib
 import heapq
 import itertools
-import math
 import multiprocessing
-import numbers
 import os
 import signal
 import sys
@@ -31,14 +29,16 @@ from typing import Literal
 
 import numpy as np
 
-from dropup.choices import check_choices
 from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
 from dropup.data.tokens import TokenWriter, token_dtype
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
+from dropup.options import check_choices, check_ranges, ranged
 
 EOS = "<|endoftext|>"
 MIN_TRAINED_VOCAB = 257  # the 256 byte tokens of a byte-level BPE plus the end-of-document token
+MAX_WORKERS = 1024  # more tokenizer processes than any machine has cores is a typo
+MAX_MB = 2**40  # a megabyte count this large does not fit in memory or in an int64 of bytes
 
 
 @dataclass
@@ -46,20 +46,22 @@ class PrepareOptions:
     inputs: list[str]
     out: str
     tokenizer: str = "train"  # a Hugging Face tokenizer directory, or "train"
-    vocab_size: int = 32000  # --tokenizer train: size of the byte-level BPE vocabulary
-    tokenizer_sample_mb: float = 64.0  # --tokenizer train: text sampled to train it on
+    # --tokenizer train: size of the byte-level BPE vocabulary, and the text sampled to train it on
+    vocab_size: int = ranged(32000, ge=MIN_TRAINED_VOCAB, le=2**32, integer=True,
+                             hint=f"at least {MIN_TRAINED_VOCAB}: 256 bytes + EOS")
+    tokenizer_sample_mb: float = ranged(64.0, gt=0, le=MAX_MB)
     text_key: str = "text"
     globs: list[str] = field(default_factory=list)
     doc_split: Literal[*DOC_SPLITS] = "file"  # .txt/.md: one document per file, paragraph or line
     domain: str | None = None
-    val_fraction: float = 0.01
-    seed: int = 0
+    val_fraction: float = ranged(0.01, ge=0, lt=1, hint="the share of documents held out for validation")
+    seed: int = ranged(0, ge=0, le=2**64 - 1, integer=True)
     dtype: Literal["auto", "uint16", "uint32"] = "auto"  # of the token files; auto: the smallest that fits
     skip_bad: bool = False
     strict_utf8: bool = False
-    batch_mb: float = 4.0  # text per worker call: amortises the per-call cost (4 MB: 82-84% of bare
+    batch_mb: float = ranged(4.0, gt=0, le=MAX_MB)  # text per worker call: amortises the per-call cost (4 MB: 82-84% of bare
     # encode speed in benchmarks/data_bench.py against 72-78% with 1 MB); 2 per worker in flight
-    threads: int = 0  # tokenizer worker processes; 0: one per core
+    threads: int = ranged(0, ge=0, le=MAX_WORKERS, integer=True, hint="0: one per core")  # tokenizer worker processes
     progress: bool = True
 
     def read_options(self) -> ReadOptions:
@@ -70,40 +72,14 @@ class PrepareOptions:
         check_choices(self)
         if not self.inputs:
             raise UserError("no inputs given")
-        # NaN passes no comparison and infinity overflows int(): each number is checked for
-        # being finite and of the right kind before its range.
-        check_number("--val-fraction", self.val_fraction, 0, 1, hi_open=True,
-                      hint="the share of documents held out for validation")
-        check_number("--seed", self.seed, 0, 2**64 - 1, integer=True)
-        check_number("--threads", self.threads, 0, MAX_WORKERS, integer=True, hint="0: one per core")
-        check_number("--batch-mb", self.batch_mb, 0, MAX_MB, lo_open=True)
+        # The vocabulary options only mean something when the tokenizer is trained here.
+        check_ranges(self, skip=() if self.tokenizer == "train" else ("vocab_size", "tokenizer_sample_mb"))
         if self.tokenizer == "train":
-            check_number("--vocab-size", self.vocab_size, MIN_TRAINED_VOCAB, 2**32, integer=True,
-                          hint=f"at least {MIN_TRAINED_VOCAB}: 256 bytes + EOS")
-            check_number("--tokenizer-sample-mb", self.tokenizer_sample_mb, 0, MAX_MB, lo_open=True)
             if self.dtype != "auto":
                 _check_dtype(self.vocab_size, self.dtype)
         elif not Path(self.tokenizer).is_dir():
             raise UserError(f"--tokenizer {self.tokenizer}: not a directory (a Hugging Face tokenizer "
                             "directory, or 'train')")
-
-
-MAX_WORKERS = 1024  # more tokenizer processes than any machine has cores is a typo
-MAX_MB = 2**40  # a megabyte count this large does not fit in memory or in an int64 of bytes
-
-
-def check_number(flag: str, value, lo: float, hi: float, *, integer: bool = False,
-                  lo_open: bool = False, hi_open: bool = False, hint: str = "") -> None:
-    """A UserError naming ``flag`` unless ``value`` is a finite number (an integer if ``integer``)
-    in the interval from ``lo`` to ``hi``, each end closed unless said open."""
-    kind = "an integer" if integer else "a number"
-    # bool is an int to Python, never a count to a user.
-    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
-    in_range = ok_type and math.isfinite(value) and (lo < value if lo_open else lo <= value) and (
-        value < hi if hi_open else value <= hi)
-    if not in_range:
-        bounds = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise UserError(f"{flag} must be {kind} in {bounds}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
 def _check_dtype(vocab_size: int, dtype: str) -> None:

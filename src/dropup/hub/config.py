@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dropup.errors import UserError
+from dropup.options import Range
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -28,6 +29,7 @@ ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+_COUNT = Range(ge=1, integer=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,14 +112,22 @@ class ModelConfig:
             raise UserError(f"{where}: mlp_bias=true is not supported (no Llama-family MoE target has "
                             "FFN biases)")
 
-        def need(key: str):
+        def need(key: str) -> int:
             if d.get(key) is None:
                 raise UserError(f"{where}: config.json has no '{key}'; it is not a complete model config")
-            return d[key]
+            return count(key)
+
+        def count(key: str, default=None) -> int:
+            """A size or count: a positive integer (a float or string here would fail deep inside)."""
+            value = d.get(key)
+            if value is None:
+                value = default
+            _COUNT.check(f"{where}: config.json '{key}'", value)
+            return value
 
         hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
         # qwen3's and qwen3_moe's transformers default head_dim is 128, not hidden / heads.
-        head_dim = d.get("head_dim") or (128 if mt in ("qwen3", "qwen3_moe") else hidden // heads)
+        head_dim = count("head_dim", 128 if mt in ("qwen3", "qwen3_moe") else hidden // heads)
         attention_bias = bool(d.get("attention_bias", False))
         qkv_bias = {
             "qwen2": True,  # Qwen2 always has q/k/v bias and no config key for it
@@ -135,7 +145,7 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            num_key_value_heads=count("num_key_value_heads", heads),
             head_dim=head_dim,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5 if mt == "mixtral" else 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
@@ -150,13 +160,13 @@ class ModelConfig:
             rope_key="rope_parameters" if "rope_parameters" in d else "rope_scaling",
         )
         if mt == "mixtral":
-            cfg.num_experts = d.get("num_local_experts", 8)
-            cfg.num_experts_per_tok = d.get("num_experts_per_tok", 2)
+            cfg.num_experts = count("num_local_experts", 8)
+            cfg.num_experts_per_tok = count("num_experts_per_tok", 2)
             cfg.moe_intermediate_size = cfg.intermediate_size
             cfg.norm_topk_prob = True  # Mixtral always renormalises the top-k weights
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # transformers 5 writes qwen3_moe's expert count as num_local_experts.
-            cfg.num_experts = d["num_experts"] if "num_experts" in d else need("num_local_experts")
+            cfg.num_experts = count("num_experts") if "num_experts" in d else need("num_local_experts")
             cfg.num_experts_per_tok = need("num_experts_per_tok")
             cfg.moe_intermediate_size = need("moe_intermediate_size")
             cfg.norm_topk_prob = bool(d.get("norm_topk_prob", False))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,10 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
-from dropup.choices import literal_args
 from dropup.errors import UserError
 from dropup.model.decoder import MOE_IMPLS
 from dropup.model.presets import PRESETS
+from dropup.options import Range, literal_args, ranged
 from dropup.train.losses import BALANCE_MODES
 
 # The choice lists: a field typed with one of these accepts only its values (checked in _coerce).
@@ -51,41 +49,12 @@ Dtype = Literal["float32", "bfloat16"]
 Resume = Literal["fixed", "schedule", "free", "ignored"]
 
 
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a numeric field (None: unbounded on that side). Every float, bounded or not,
-    must also be finite: NaN passes no comparison, so it would slip through ``x < 0`` tests."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-
-    def problem(self, v) -> str | None:
-        """What ``v`` must be, if it is not."""
-        if isinstance(v, float) and not math.isfinite(v):
-            return "a finite number"
-        bounds = [(b, op) for b, op in ((self.ge, ">="), (self.gt, ">"), (self.le, "<="), (self.lt, "<"))
-                  if b is not None]
-        tests = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-        if all(tests[op](v, b) for b, op in bounds):
-            return None
-        return " and ".join(f"{op} {_num(b)}" for b, op in bounds)
-
-
-def _num(b: float) -> str:
-    if isinstance(b, int) and b > 2**32 and b & (b - 1) == 0:
-        return f"2^{b.bit_length() - 1}"
-    return str(b)
-
-
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge=None, gt=None,
             le=None, lt=None, resume: Resume = "free"):
     """A config field with its range and resume rule, stated once beside its default
     (``validate`` and ``resume_changes`` read them generically). For an optional field the range
     applies when a value is given; for a tuple or list, to each element."""
-    return field(default=default, default_factory=factory,
-                 metadata={"range": Range(ge, gt, le, lt), "resume": resume})
+    return ranged(default, factory=factory, metadata={"resume": resume}, ge=ge, gt=gt, le=le, lt=lt)
 
 
 @dataclass
@@ -272,10 +241,8 @@ def _check_fields(obj, where: str = "") -> None:
 
 def _check_number(f: dataclasses.Field, value: Any, key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    problem = f.metadata.get("range", Range()).problem(value)
-    if problem:
-        raise UserError(f"config: {key} must be {problem}, got {value!r}")
+        return  # types are _coerce's; every float must be finite, bounded or not
+    f.metadata.get("range", Range()).check(f"config: {key}", value)
 
 
 def resume_kind(key: str) -> Resume:
