@@ -389,3 +389,50 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference
     shutil.rmtree(run / "ckpt" / "step_40")
     subprocess.run(_cli(config, "--resume"), env=ENV, check=True, capture_output=True, timeout=120)
     same(ref, _metrics(run))
+
+
+# Where a kill lands inside the write of checkpoint step_20: when its temporary directory appears,
+# once the DCP state is being written, once the Hugging Face export is being written (its own
+# temporary inside the checkpoint's).
+_CKPT_STAGES = {"tmp": "", "state": "state", "export": ".model.dropup-tmp-*"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stage", list(_CKPT_STAGES))
+def test_killed_during_a_checkpoint_write_resumes_exactly(tmp_path, datasets, reference_run, sig, stage):
+    """Fault injection: a run stopped while it writes a checkpoint keeps the previous checkpoint
+    whole, leaves nothing half-written that a resume would trust, and resumes to the same metrics as
+    a run never interrupted."""
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, datasets))
+    run = tmp_path / "run"
+    tmp = run / "ckpt" / ".step_20.tmp"
+    pattern = _CKPT_STAGES[stage]
+
+    def reached() -> bool:
+        return tmp.is_dir() and (not pattern or any(tmp.glob(pattern)))
+
+    proc = subprocess.Popen(_cli(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not reached() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "ckpt" / "step_20").exists(), "the kill did not land inside the checkpoint write"
+    if sig == signal.SIGTERM:  # handled like Ctrl-C: the temporary is removed at once
+        assert proc.returncode == 143, err.decode()
+        assert err.decode().strip().splitlines()[-1].startswith("dropup train: interrupted")
+        assert not tmp.exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert (run / "ckpt" / "step_10" / "manifest.json").exists()  # the previous checkpoint, whole
+    subprocess.run(_cli(config, "--resume"), env=ENV, check=True, capture_output=True, timeout=120)
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step_30", "step_40"]  # keep_last 2, no leftovers
+    ref, got = _metrics(reference_run), _metrics(run)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    for a, b in zip(ref, got):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "val_loss", "router_load"):
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))

@@ -162,6 +162,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     before = checkpoints(run_dir)
 
     def fail(e: BaseException) -> BaseException:
+        # DCP catches whatever its writers raise and re-raises it wrapped, Ctrl-C and SIGTERM
+        # (a KeyboardInterrupt in the CLI) included: those must stay interruptions.
+        for wrapped in getattr(e, "failures", {}).values():
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            if isinstance(inner, KeyboardInterrupt):
+                return inner
         return _write_error(e, final, before)
 
     try:
