@@ -73,3 +73,19 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def cli_fails(capsys, argv, *needles) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one line on stderr, no traceback,
+    containing every needle. Returns that line."""
+    from dropup.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -13,22 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_dense
+from conftest import cli_fails as _fails
 
 from dropup.cli import main
 from dropup.errors import UserError
 from dropup.hub import safetensors as checkpoint
-
-
-def _fails(capsys, argv, *needles) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 class NotATensor:
