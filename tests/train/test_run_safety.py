@@ -234,6 +234,14 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys,
     assert cli_main(_args(_sets(data, run, "steps=8"), "--resume")) == 0
 
 
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys, data):
+    (tmp_path / "afile").write_text("keep me")
+    code, err = _cli(capsys, _sets(data, tmp_path / "afile"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "exists and is not a directory; choose another out_dir" in err, err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
 # ---- 5. every numeric setting checked where the config is read -------------------------------------
 
 

@@ -110,6 +110,8 @@ def note(d: Dist, text: str) -> None:
 def lock_run_dir(run_dir: Path):
     """An exclusive lock on ``.NAME.dropup-lock`` beside the run directory, held while training."""
     run_dir = run_dir.resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir {run_dir} exists and is not a directory; choose another out_dir")
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
