@@ -331,3 +331,11 @@ def test_sigterm_to_the_process_group_stops_workers_quietly(tmp_path):
     assert stderr == "dropup data: interrupted; nothing was left half-written\n"
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.dropup-")]
+
+
+def test_an_output_inside_an_input_directory_is_refused(tmp_path, capsys):
+    """The next run over that directory would read the dataset's own .json files back as input."""
+    src = tmp_path / "corpus"
+    _jsonl(src / "a.jsonl", "some text for the tokenizer " * 20, "more text " * 30)
+    _fails(capsys, [src], src / "dataset", "is inside input", "choose another path")
+    assert sorted(p.name for p in src.iterdir()) == ["a.jsonl"]

@@ -317,7 +317,9 @@ def prepare(opts: PrepareOptions) -> dict:
     opts.validate()
     out = Path(opts.out)
     try:
-        with atomic_dir(out, label="output directory", advice="choose a new one or remove it") as tmp:
+        # An output inside an input directory would be read back as input by the next run.
+        with atomic_dir(out, label="output directory", advice="choose a new one or remove it",
+                        protect=[("input", i) for i in opts.inputs]) as tmp:
             duplicates: list[str] = []
             files = discover(opts.inputs, opts.globs, duplicates)
             progress = _Progress(opts.progress)
