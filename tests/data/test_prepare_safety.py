@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dropup.cli import main
@@ -339,3 +340,43 @@ def test_an_output_inside_an_input_directory_is_refused(tmp_path, capsys):
     _jsonl(src / "a.jsonl", "some text for the tokenizer " * 20, "more text " * 30)
     _fails(capsys, [src], src / "dataset", "is inside input", "choose another path")
     assert sorted(p.name for p in src.iterdir()) == ["a.jsonl"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_tokenizer_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL gives the parent no chance to stop its pool: the workers must not live on."""
+    import psutil
+
+    src = tmp_path / "big"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for f in range(2):
+        (src / f"{f}.txt").write_text("\n".join(" ".join(f"w{x}" for x in rng.integers(0, 999, 40))
+                                                for _ in range(40_000)))
+    cmd = [sys.executable, "-m", "dropup", "data", "prepare", str(src), "--out", str(tmp_path / "ds"),
+           "--vocab-size", "300", "--threads", "2", "--quiet", "--doc-split", "line", "--batch-mb", "0.1"]
+    proc = subprocess.Popen(cmd, env=ENV)
+    try:
+        deadline, kids = time.monotonic() + 60, []
+        while time.monotonic() < deadline and len(kids) < 2 and proc.poll() is None:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.02)
+        assert len(kids) >= 2, "the workers never started"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.05)
+        assert not [k.pid for k in kids if _alive(k)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

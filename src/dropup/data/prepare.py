@@ -228,8 +228,25 @@ def _init_worker(tokenizer_json: str, eos_id: int) -> None:
     # would only print a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
 
     _worker_tok, _worker_eos = Tokenizer.from_str(tokenizer_json), eos_id
+
+
+def _die_with_parent() -> None:
+    """A parent killed outright (SIGKILL) cannot stop its pool: on Linux, ask the kernel to send
+    this worker SIGKILL when the parent dies, so no orphaned tokenizer keeps running."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
