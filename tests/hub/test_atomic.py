@@ -344,3 +344,21 @@ with exclusive_lock({str(lock)!r}, "thing x"):
             assert held
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+def test_atomic_write_text_replaces_whole_and_removes_a_dead_writers_temporary(tmp_path):
+    import subprocess
+    import sys
+
+    from dropup.hub.atomic import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    (tmp_path / f".metrics.jsonl.dropup-tmp-{dead}").write_text("half")  # a killed writer's
+    (tmp_path / f".metrics.jsonl.dropup-tmp-{os.getppid()}").write_text("live")  # a live one's
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["metrics.jsonl", f".metrics.jsonl.dropup-tmp-{os.getppid()}"])

@@ -287,6 +287,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     never a part (a hidden temporary beside it is renamed over it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.dropup-tmp-{os.getpid()}")
+    # A writer killed between writing and renaming left its temporary: remove those of dead pids.
+    for old in path.parent.glob(f".{path.name}.dropup-tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
