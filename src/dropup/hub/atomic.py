@@ -219,7 +219,10 @@ def _final_path(given: Path, label: str, existing: Existing) -> Path:
 
 
 def _check_apart(given: Path, final: Path, label: str, what: str, path: Path) -> None:
-    src = path.resolve()
+    try:
+        src = path.resolve()
+    except (OSError, RuntimeError):  # a link loop: not a place anything is written to; its reader says so
+        src = Path(os.path.abspath(path))
     if final == src:
         relation = "is"
     elif src in final.parents:
