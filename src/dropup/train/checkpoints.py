@@ -80,11 +80,8 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _hash_all(paths: list[Path]) -> list[str]:
@@ -115,9 +112,10 @@ def verify_checkpoint(ckpt: Path) -> tuple[bool, str | None]:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         files = manifest["files"]
-        assert manifest["format"] == _MANIFEST_FORMAT and isinstance(files, dict)
+        if manifest["format"] != _MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a checkpoint manifest")
         expected = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False, f"{ckpt.name}/{MANIFEST} is damaged"
     for name, size, _ in expected:  # sizes first: a truncated file is found without reading anything
         p = ckpt / name
