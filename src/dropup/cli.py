@@ -40,9 +40,12 @@ def _upcycle_parser(sub) -> None:
                    help="construction method (default: %(default)s; see README)")
     p.add_argument("--ratio", type=float, default=d.ratio,
                    help="fraction r of each expert's neurons re-initialised (drop) or perturbed (noise)")
-    p.add_argument("--num-experts", type=int, default=d.num_experts)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-experts", type=int, default=d.num_experts,
+                   help="experts E per MoE layer (default 8, the paper's)")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help="experts each token is routed to, weights renormalised (default 2)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="every random draw (index sets, new values, routers) derives from it")
     p.add_argument("--index-sampling", default=d.index_sampling,
                    choices=choices(UpcycleOptions, "index_sampling"),
                    help="shared: one neuron set per expert for gate, up and down (the paper); "
@@ -50,16 +53,23 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--reinit-stats", default=d.reinit_stats, choices=choices(UpcycleOptions, "reinit_stats"),
                    help="mean/std of the replaced slice (default) or of the whole dense matrix")
     p.add_argument("--noise-std", type=float, default=d.noise_std, help="std of the noise method")
-    p.add_argument("--router-init", default=d.router_init, choices=choices(UpcycleOptions, "router_init"))
-    p.add_argument("--router-std", type=float, default=d.router_std)
+    p.add_argument("--router-init", default=d.router_init, choices=choices(UpcycleOptions, "router_init"),
+                   help="the new routers: zero-mean uniform (the authors' choice), normal, or zeros")
+    p.add_argument("--router-std", type=float, default=d.router_std,
+                   help="standard deviation of the router init (default 0.02)")
     p.add_argument("--init-std", type=float, default=d.init_std, help="std of the scratch method")
     p.add_argument("--sources", nargs="+", default=[], metavar="SRC_N",
                    help="btx: dense models of SRC's shape, trained further from it")
-    p.add_argument("--target", default=d.target, choices=choices(UpcycleOptions, "target"))
-    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
-    p.add_argument("--dtype", default=d.dtype, choices=choices(UpcycleOptions, "dtype"))
-    p.add_argument("--max-shard-size", default=d.max_shard_size)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--target", default=d.target, choices=choices(UpcycleOptions, "target"),
+                   help="the MoE architecture written (auto: mixtral for llama/mistral, qwen2_moe, qwen3_moe)")
+    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,
+                   help="router_aux_loss_coef in config.json (default 0.02, the paper's)")
+    p.add_argument("--dtype", default=d.dtype, choices=choices(UpcycleOptions, "dtype"),
+                   help="dtype of the written tensors (auto: the source's)")
+    p.add_argument("--max-shard-size", default=d.max_shard_size,
+                   help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT (only once the new one is complete)")
     p.add_argument("--verify", action="store_true",
                    help="load the result with transformers; for naive and r = 0 compare logits")
     p.add_argument("--threads", type=int, default=d.threads, help="worker threads (default: one per core, at most 8)")
@@ -81,7 +91,7 @@ def _run_upcycle(a: argparse.Namespace) -> int:
 
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="describe an MoE checkpoint and how alike its experts are")
-    p.add_argument("path")
+    p.add_argument("path", help="a Hugging Face MoE checkpoint directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-similarity", action="store_true", help="skip the per-layer expert comparison")
 
@@ -96,7 +106,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
 
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on built-in data (see README)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's data, models and report")
     p.add_argument("--tiny", action="store_true", help="a scaled-down run for the test suite")
 
 
@@ -154,7 +164,8 @@ def _data_parser(sub) -> None:
     q.add_argument("--domain", default=d.domain, help="domain label stored in meta.json")
     q.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="fraction of documents for the val split (seeded, by document)")
-    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the train/val split and the tokenizer's text sample")
     q.add_argument("--dtype", default=d.dtype, choices=choices(PrepareOptions, "dtype"),
                    help="of the token files (default: the smallest that holds the vocabulary)")
     q.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON lines/records")
@@ -174,7 +185,7 @@ def _data_parser(sub) -> None:
     r.add_argument("--max-mb", type=float, default=c.max_mb, help="size cap per domain (MB of text)")
     r.add_argument("--domains", nargs="+", default=list(c.domains), help="domains to collect")
     r.add_argument("--seed", type=int, default=c.seed, help="seeds the file order used under the cap")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no summary")
 
 
 def _run_data(a: argparse.Namespace) -> int:

@@ -138,3 +138,23 @@ def test_signal_mid_write_removes_the_temporary_and_exits_128_plus_signal(dense_
     assert stdout == ""
     assert not out.exists()
     assert _temporaries(out) == []
+
+
+def test_every_option_has_help_text():
+    """`dropup CMD --help` must explain every flag and argument (issue 12)."""
+    import argparse
+
+    from dropup.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*prefix, name])
+            elif not action.help:
+                missing.append(" ".join([*prefix, *(action.option_strings or [action.dest])]))
+
+    walk(build_parser(), ["dropup"])
+    assert not missing, missing
