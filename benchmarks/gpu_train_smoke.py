@@ -31,5 +31,5 @@ first, last = lines[0], lines[-1]
 print(f"GPU train smoke: step {first['step']} loss {first['loss']:.4f} -> step {last['step']} loss "
       f"{last['loss']:.4f}, {last['tokens_per_s']:.0f} tok/s, val {last.get('val_loss')}")
 assert last["loss"] < first["loss"] * 0.7, "loss did not fall"
-subprocess.run(cmd + ["--set", "steps=70", "--resume"], check=True)
+subprocess.run(cmd + ["--set", "steps=70", "--resume", "--allow-config-change"], check=True)
 print("resumed to", json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"])

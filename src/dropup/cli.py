@@ -126,13 +126,17 @@ def _train_parser(sub) -> None:
                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir (start fresh if there is none)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept settings that differ from the checkpoint's (steps, lr, "
+                   "seed, batch, ...; the change is recorded), same as allow_resume_changes: true")
 
 
 def _run_train(a: argparse.Namespace) -> int:
     from dropup.train.loop import train
     from dropup.train.config import load_config
 
-    train(load_config(a.config, a.set), resume=a.resume)
+    sets = [*a.set, *(["allow_resume_changes=true"] if a.allow_config_change else [])]
+    train(load_config(a.config, sets), resume=a.resume)
     return 0
 
 

@@ -185,7 +185,14 @@ def test_resume_refuses_changed_datasets(tmp_path, capsys, data, reference):
 
 def test_resume_extends_a_run_with_a_notice_about_the_schedule(tmp_path, capsys, data, reference):
     run = _copy(reference, tmp_path)
-    code, err = _cli(capsys, _sets(data, run, "steps=8", "save_interval=4", "batch.micro_batch=1"), "--resume")
+    before = (run / "metrics.jsonl").read_bytes()
+    # A new schedule is the user's decision: refused with one line naming the key and the flag.
+    code, err = _cli(capsys, _sets(data, run, "steps=8", "save_interval=4"), "--resume")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "steps 6 -> 8 changes the learning-rate schedule" in err and "--allow-config-change" in err, err
+    assert (run / "metrics.jsonl").read_bytes() == before
+    code, err = _cli(capsys, _sets(data, run, "steps=8", "save_interval=4", "batch.micro_batch=1"), "--resume",
+                     "--allow-config-change")
     assert code == 0 and err.count("\n") == 1, err
     assert "resuming from step 6 with changed settings:" in err and "steps 6 -> 8" in err, err
     assert "batch.micro_batch 2 -> 1" in err and "LR schedule" in err and "from step 6 on" in err, err
@@ -226,12 +233,12 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys,
     run = _copy(reference, tmp_path)
     before = (run / "metrics.jsonl").read_bytes()
     with lock_run_dir(run):  # as a trainer running in another process holds it
-        code, err = _cli(capsys, _sets(data, run, "steps=8"), "--resume")
+        code, err = _cli(capsys, _sets(data, run, "steps=8"), "--resume", "--allow-config-change")
         assert code == 2 and err.count("\n") == 1, err
         assert f"run directory {run.resolve()} is being written by another dropup process" in err, err
     assert (run / "metrics.jsonl").read_bytes() == before
     assert not list(tmp_path.glob(".*lock"))  # the lock file goes with its holder
-    assert cli_main(_args(_sets(data, run, "steps=8"), "--resume")) == 0
+    assert cli_main(_args(_sets(data, run, "steps=8"), "--resume", "--allow-config-change")) == 0
 
 
 def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys, data):

@@ -42,7 +42,8 @@ Dtype = Literal["float32", "bfloat16"]
 # What a changed value means for ``--resume`` (compared with the checkpoint's trainer.json):
 #   fixed     the checkpoint's step would stand for other data, tokens or weights, so the run
 #             could not continue exactly: refused unless allow_resume_changes is set;
-#   schedule  allowed; the LR schedule changes from the resumed step on (a notice says so);
+#   schedule  the LR schedule changes from the resumed step on: allowed only when asked for
+#             (allow_resume_changes, or --allow-config-change), since the run's curve then bends;
 #   free      allowed (intervals, micro-batch, numerics that do not move the data position);
 #   ignored   not compared (where the run is and how it is shown).
 # Every change that is not ignored is recorded in trainer.json and in the next metrics record.
@@ -299,11 +300,17 @@ def resume_changes(saved: dict, cfg: TrainConfig, what: str) -> list[Change]:
                if (k in old or _parent_list(k) in old) and old.get(k) != new.get(k)]
     changes = [c for c in changes if c.kind != "ignored"]
     fixed = [c for c in changes if c.kind == "fixed"]
+    schedule = [c for c in changes if c.kind == "schedule"]
     if fixed and not cfg.allow_resume_changes:
         raise UserError(f"--resume: {what} was trained with other settings: {'; '.join(map(str, fixed))}. "
                         "These change the data order, the token count or the model, so the run would not "
-                        "continue as it began: restore them, or set allow_resume_changes: true to go on "
-                        "from the checkpoint anyway (the change is recorded)")
+                        "continue as it began: restore them, or pass --allow-config-change (YAML: "
+                        "allow_resume_changes: true) to go on from the checkpoint anyway (the change is recorded)")
+    if schedule and not cfg.allow_resume_changes:
+        raise UserError(f"--resume: {'; '.join(map(str, schedule))} changes the learning-rate schedule "
+                        f"(warm-up, then cosine to min_lr at the last step) from {what} on: pass "
+                        "--allow-config-change (YAML: allow_resume_changes: true) to accept it (the change "
+                        "is recorded in metrics.jsonl), or restore the old value")
     return changes
 
 
