@@ -161,6 +161,9 @@ def _data_parser(sub) -> None:
     q.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb,
                    help="text sampled (seeded) to train the tokenizer on")
     q.add_argument("--text-key", default=d.text_key, help="JSON field / Parquet column holding the text")
+    q.add_argument("--eos-token", default=d.eos_token, metavar="TOKEN",
+                   help="token appended to every document (default: the tokenizer's end-of-text token; "
+                   "an instruct tokenizer's chat separator such as <|im_end|> only if it has no other)")
     q.add_argument("--glob", action="append", default=[], dest="globs", metavar="PATTERN",
                    help="in directories, read only files matching PATTERN (repeatable), e.g. '*.jsonl.zst'")
     q.add_argument("--doc-split", default=d.doc_split, choices=choices(PrepareOptions, "doc_split"),

@@ -312,3 +312,39 @@ def test_cli_error_has_no_traceback(tmp_path):
         f"dropup data: error: {tmp_path / 'bad.jsonl'}:2: not valid JSON (Expecting value at column 1); "
         "fix the line or pass --skip-bad to skip such lines"]
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def _instruct_tokenizer(tokenizer_dir: Path, out: Path) -> Path:
+    """The trained tokenizer dressed as an instruct model's: eos is the chat turn separator
+    <|im_end|>, while <|endoftext|> stays a token of its own (as in SmolLM2-Instruct or Qwen)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf.add_special_tokens({"eos_token": "<|im_end|>"})
+    hf.save_pretrained(out)
+    return out
+
+
+def test_eos_token_prefers_end_of_text_over_a_chat_separator(tmp_path, tokenizer_dir, capsys):
+    inst = _instruct_tokenizer(tokenizer_dir, tmp_path / "instruct")
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    runs = {"default": [], "chosen": ["--eos-token", "<|im_end|>"]}
+    metas = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert cli_main(["data", "prepare", str(src), "--out", str(out), "--tokenizer", str(inst),
+                         "--val-fraction", "0", "--quiet", *extra]) == 0
+        metas[name] = json.loads((out / "meta.json").read_text())
+        ids = np.fromfile(out / "train.bin", dtype=metas[name]["dtype"])
+        assert ids[-1] == metas[name]["eos_token_id"]  # every document ends with the chosen token
+    vocab = load_tokenizer(inst).hf.get_vocab()
+    assert metas["default"]["eos_token_id"] == vocab["<|endoftext|>"]
+    assert metas["default"]["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert "chat turn separator" in metas["default"]["tokenizer"]["eos_choice"]
+    assert metas["chosen"]["eos_token_id"] == vocab["<|im_end|>"]
+    assert metas["chosen"]["tokenizer"]["eos_choice"] == "--eos-token"
+    code = cli_main(["data", "prepare", str(src), "--out", str(tmp_path / "bad"), "--tokenizer", str(inst),
+                     "--eos-token", "<nope>", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--eos-token '<nope>' is not a token" in err, err

@@ -51,6 +51,7 @@ class PrepareOptions:
                              hint=f"at least {MIN_TRAINED_VOCAB}: 256 bytes + EOS")
     tokenizer_sample_mb: float = ranged(64.0, gt=0, le=MAX_MB)
     text_key: str = "text"
+    eos_token: str | None = None  # the token ending each document; None: the tokenizer's end-of-text
     globs: list[str] = field(default_factory=list)
     doc_split: Literal[*DOC_SPLITS] = "file"  # .txt/.md: one document per file, paragraph or line
     domain: str | None = None
@@ -75,6 +76,9 @@ class PrepareOptions:
         # The vocabulary options only mean something when the tokenizer is trained here.
         check_ranges(self, skip=() if self.tokenizer == "train" else ("vocab_size", "tokenizer_sample_mb"))
         if self.tokenizer == "train":
+            if self.eos_token not in (None, EOS):
+                raise UserError(f"--eos-token {self.eos_token!r}: a tokenizer trained here ends documents "
+                                f"with {EOS}; --eos-token is for a given --tokenizer")
             if self.dtype != "auto":
                 _check_dtype(self.vocab_size, self.dtype)
         elif not Path(self.tokenizer).is_dir():
@@ -106,14 +110,24 @@ def _uniform(seed: int, index: np.ndarray) -> np.ndarray:
 class LoadedTokenizer:
     backend: object  # tokenizers.Tokenizer
     hf: object  # transformers.PreTrainedTokenizerFast
-    eos_id: int
+    eos_id: int  # the document separator appended to every document
     vocab_size: int
     source: str
+    eos_token: str = ""
+    eos_choice: str = "the tokenizer's eos token"  # why this separator (meta.json records it)
 
 
-def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
+# An instruct tokenizer's eos is often its chat turn separator; documents of a pre-training corpus
+# end with end-of-text, which such tokenizers keep as a token of its own.
+_CHAT_SEPARATORS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
+_END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|end▁of▁sentence|>")
+
+
+def load_tokenizer(path: str | os.PathLike, eos_token: str | None = None) -> LoadedTokenizer:
     """A Hugging Face tokenizer directory via ``AutoTokenizer`` (fast tokenizers only: their Rust
-    backend does the multithreaded batch encoding)."""
+    backend does the multithreaded batch encoding), with the token that ends each document:
+    ``eos_token`` when given, else the tokenizer's end-of-text token (``eos``, unless that is a
+    chat turn separator and an end-of-text token of its own exists)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
@@ -126,9 +140,21 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"--tokenizer {path}: only fast (tokenizer.json) tokenizers are supported")
+    vocab = hf.get_vocab()
+    if eos_token is not None:
+        if eos_token not in vocab:
+            raise UserError(f"--eos-token {eos_token!r} is not a token of {path}; name one of its tokens, "
+                            f"e.g. {hf.eos_token!r}")
+        return LoadedTokenizer(backend, hf, vocab[eos_token], len(hf), str(path), eos_token, "--eos-token")
     if hf.eos_token_id is None:
-        raise UserError(f"--tokenizer {path}: the tokenizer has no end-of-document (eos) token")
-    return LoadedTokenizer(backend, hf, int(hf.eos_token_id), len(hf), str(path))
+        raise UserError(f"--tokenizer {path}: the tokenizer has no end-of-document (eos) token; "
+                        "name one with --eos-token")
+    if hf.eos_token in _CHAT_SEPARATORS:
+        for end in _END_OF_TEXT:
+            if end in vocab:
+                return LoadedTokenizer(backend, hf, vocab[end], len(hf), str(path), end,
+                                       f"end-of-text, not the eos {hf.eos_token} (a chat turn separator)")
+    return LoadedTokenizer(backend, hf, int(hf.eos_token_id), len(hf), str(path), hf.eos_token)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: str | os.PathLike) -> LoadedTokenizer:
@@ -379,7 +405,7 @@ def _prepare_into(tmp: Path, files: list[InputFile], duplicates: list[str], opts
         tok = train_tokenizer(sample, opts.vocab_size, tmp / "tokenizer")
         del sample
     else:
-        tok = load_tokenizer(opts.tokenizer)
+        tok = load_tokenizer(opts.tokenizer, opts.eos_token)
         tok.hf.save_pretrained(str(tmp / "tokenizer"))
     dtype = token_dtype(tok.vocab_size).name if opts.dtype == "auto" else opts.dtype
     _check_dtype(tok.vocab_size, dtype)
@@ -412,7 +438,8 @@ def _meta(opts: PrepareOptions, tok: LoadedTokenizer, tmp: Path, totals: Totals,
     return {
         "domain": opts.domain,
         "tokenizer": {"path": "tokenizer", "source": opts.tokenizer, "sha256": _sha256_file(tmp / "tokenizer" /
-                      "tokenizer.json"), "vocab_size": tok.vocab_size, "eos_token": tok.hf.eos_token,
+                      "tokenizer.json"), "vocab_size": tok.vocab_size, "eos_token": tok.eos_token,
+                      "eos_choice": tok.eos_choice,
                       **({"trained_vocab_size": opts.vocab_size, "sample_mb": opts.tokenizer_sample_mb}
                          if opts.tokenizer == "train" else {})},
         "prepare": {"text_key": opts.text_key, "doc_split": opts.doc_split, "globs": opts.globs,
