@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -33,6 +34,7 @@ from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
+from dropup.hub.card import model_name, parameter_counts, upcycling_info, write_model_card
 from dropup.hub.config import config_json, dense_to_moe
 from dropup.hub.safetensors import (
     DTYPE_NAMES,
@@ -322,6 +324,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
             entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
         provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
         (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        write_model_card(tmp, _card_info(ctx, plan, provenance))
         if opts.verify:
             from dropup.convert.verify import verify
 
@@ -360,6 +363,15 @@ def _run_plan(plan: list[tuple[TensorSpec, Callable]], writer: ShardedWriter, op
 def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
     differ = [f.name for f in dataclasses.fields(a) if f.compare and getattr(a, f.name) != getattr(b, f.name)]
     return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in differ)
+
+
+def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance: dict) -> dict:
+    shape, o = ctx.shape, ctx.opts
+    routed = shape.layers * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
+    total, active = parameter_counts({spec.name: spec.shape for spec, _ in plan}, routed, o.num_experts, o.top_k)
+    return {"model_type": ctx.target, "layers": shape.layers, "num_experts": o.num_experts, "top_k": o.top_k,
+            "total_params": total, "active_params": active, "base_model": model_name(ctx.sources[0].path),
+            "upcycling": upcycling_info(provenance)}
 
 
 def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> dict:

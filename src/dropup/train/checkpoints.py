@@ -1,6 +1,8 @@
 """Checkpoints of a training run: ``<out_dir>/ckpt/step_N/``.
 
-    step_N/model/        a Hugging Face checkpoint (config.json + safetensors), the full model
+    step_N/model/        a complete Hugging Face checkpoint of the full model: config.json,
+                         safetensors, the run's tokenizer files, generation_config.json and a
+                         model card (README.md), usable as it is by transformers, vLLM or lm-eval
     step_N/state/        model and optimizer state via torch.distributed.checkpoint, so a run can
                          resume on a different number of processes (DCP reshards on load)
     step_N/trainer.json  step, tokens, consecutive bad steps, config; the data position is the step
@@ -20,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -39,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dropup.errors import UserError
+from dropup.hub import card
 from dropup.hub.atomic import atomic_dir
 from dropup.model.io import save_model
 
@@ -201,10 +205,61 @@ def _write(tmp: Path, model, optimizer, trainer_state: dict, export_dtype: torch
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
         save_model(model, tmp / "model", state_dict=full, dtype=export_dtype)
+        write_export_side_files(tmp / "model", model.config, full, trainer_state)
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
     _barrier()  # every rank's files are complete before rank 0 hashes them
     if _rank() == 0:
         write_manifest(tmp)
+
+
+def write_export_side_files(export: Path, cfg, state_dict: dict, trainer_state: dict) -> None:
+    """Tokenizer files, generation_config.json and README.md for the export ``export`` of a run
+    whose config is ``trainer_state["config"]`` (the tokenizer: ``card.run_tokenizer``)."""
+    run_cfg = trainer_state.get("config") or {}
+    init = (run_cfg.get("model") or {}).get("init")
+    datasets = [d.get("path") for d in (run_cfg.get("data") or {}).get("datasets", []) if d.get("path")]
+    # Refused at the start of training (card.check_tokenizers); a mismatch that appears later
+    # (a dataset re-prepared under a running job) must not cost the checkpoint.
+    try:
+        tok = card.check_tokenizers(init, datasets)
+    except UserError as e:
+        warnings.warn(f"checkpoint export without tokenizer: {e}", stacklevel=2)
+        tok = None
+    hf_config = json.loads((export / "config.json").read_text())
+    card.copy_tokenizer_files(tok, init, export, hf_config, eos_token_id=_data_eos(datasets))
+    card.write_model_card(export, export_card_info(cfg, state_dict, trainer_state))
+
+
+def _data_eos(datasets: list[str]) -> int | None:
+    for ds in datasets:
+        try:
+            eos = json.loads((Path(ds) / "meta.json").read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(eos, int):
+            return eos
+    return None
+
+
+def export_card_info(cfg, state_dict: dict, trainer_state: dict) -> dict:
+    """``card.model_card``'s input for a training export; ``cfg`` is the model's ModelConfig."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    routed = sum(math.prod(s) for k, s in shapes.items() if ".mlp.experts." in k)
+    total, active = card.parameter_counts(shapes, routed, cfg.num_experts, cfg.num_experts_per_tok)
+    init = ((trainer_state.get("config") or {}).get("model") or {}).get("init")
+    upcycling = None
+    if init:
+        try:
+            upcycling = card.upcycling_info(json.loads((Path(init) / "upcycling.json").read_text()))
+        except (OSError, ValueError, AttributeError):
+            pass  # not upcycled by dropup: a dense or MoE checkpoint from elsewhere
+    return {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts,
+            "top_k": cfg.num_experts_per_tok, "total_params": total, "active_params": active,
+            "base_model": (upcycling or {}).get("source") or card.model_name(init),
+            "upcycling": upcycling,
+            "training": {"steps": trainer_state.get("step", 0), "tokens": trainer_state.get("tokens", 0),
+                         "init": card.model_name(init)}}
 
 
 def _write_error(e: BaseException, final: Path, before: list[tuple[int, Path]]) -> BaseException:

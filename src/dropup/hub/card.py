@@ -1,0 +1,229 @@
+"""Model cards (``README.md`` with the Hub's YAML front matter) and the side files that make an
+exported checkpoint usable as it is by transformers, vLLM or lm-evaluation-harness: tokenizer
+files and ``generation_config.json``.
+
+The card is a pure function of a dict, so ``dropup upcycle`` stays byte-for-byte reproducible:
+no timestamps and no paths of the machine, only directory names (or the Hub id of a Hub cache
+snapshot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dropup.errors import UserError
+from dropup.hub.safetensors import TOKENIZER_FILES
+
+TAGS = ("moe", "mixture-of-experts", "drop-upcycling", "dropup")
+# A file among these makes a directory a tokenizer; tokenizer_config.json alone does not.
+_TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_HUB_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def model_name(path: str | os.PathLike | None) -> str | None:
+    """What a card may say about where a checkpoint came from: the Hub id of a Hub cache
+    snapshot (``.../models--org--name/snapshots/<sha>``), otherwise the directory's name."""
+    if not path:
+        return None
+    p = Path(path)
+    m = _HUB_SNAPSHOT.search(p.as_posix())
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    return p.resolve().name or None
+
+
+def parameter_counts(shapes: dict[str, tuple[int, ...]], routed_expert_params: int, num_experts: int,
+                     top_k: int) -> tuple[int, int]:
+    """(total, active per token): ``routed_expert_params`` is the size of all routed experts of
+    all layers together, of which each token uses ``top_k / num_experts``."""
+    total = sum(math.prod(s) for s in shapes.values())
+    if num_experts <= 0:
+        return total, total
+    return total, total - routed_expert_params + routed_expert_params * top_k // num_experts
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _yaml_scalar(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a YAML string: quotes and escapes need no care
+
+
+def model_card(info: dict) -> str:
+    """The README.md text for ``info``:
+
+    ``model_type``, ``layers``, ``num_experts``, ``top_k``, ``total_params``, ``active_params``;
+    optional ``base_model`` (a name, never a path), ``upcycling`` (``method``, ``ratio``, ``seed``,
+    ``num_experts``, ``source``), ``training`` (``steps``, ``tokens``, ``init``).
+    """
+    base = info.get("base_model")
+    front = ["---", "library_name: transformers", "tags:", *(f"- {t}" for t in TAGS)]
+    if base:
+        front.append(f"base_model: {_yaml_scalar(base)}")
+    front += ["pipeline_tag: text-generation", "---", ""]
+    experts, top_k = info.get("num_experts") or 0, info.get("top_k") or 0
+    title = f"{info['model_type']} {'mixture-of-experts' if experts else 'dense'} model"
+    body = [f"# {title}", "", "## Architecture", "",
+            f"- type: `{info['model_type']}`",
+            f"- layers: {info['layers']}"]
+    if experts:
+        body.append(f"- experts: {experts} per layer, top-{top_k} routing")
+    body += [f"- parameters: {_human(info['total_params'])} total, {_human(info['active_params'])} active per token",
+             ""]
+    up = info.get("upcycling")
+    if up:
+        body += ["## How it was built", "",
+                 f"Upcycled from the dense checkpoint `{up.get('source') or 'unknown'}` by dropup "
+                 f"(method `{up['method']}`):", ""]
+        if up.get("method") in ("drop", "noise") and up.get("ratio") is not None:
+            body.append(f"- ratio: {up['ratio']}")
+        body += [f"- experts: {up.get('num_experts', experts)}", f"- seed: {up['seed']}", ""]
+    tr = info.get("training")
+    if tr:
+        body += ["## Training", "",
+                 f"Trained by dropup for {tr['steps']:,} steps on {tr['tokens']:,} tokens"
+                 + (f", starting from `{tr['init']}`." if tr.get("init") else ", from a random initialisation."),
+                 ""]
+    body += ["## Use", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "",
+             "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+             "model = AutoModelForCausalLM.from_pretrained(PATH)",
+             "```", ""]
+    return "\n".join(front + body)
+
+
+def upcycling_info(record: dict) -> dict:
+    """The card's ``upcycling`` entry from an ``upcycling.json`` record."""
+    opts = record.get("options", {})
+    return {"method": record.get("method"), "ratio": opts.get("ratio"), "seed": record.get("seed"),
+            "num_experts": opts.get("num_experts"),
+            "source": model_name(record.get("source", {}).get("path"))}
+
+
+def write_model_card(out: str | os.PathLike, info: dict) -> None:
+    (Path(out) / "README.md").write_text(model_card(info))
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def has_tokenizer(path: str | os.PathLike | None) -> bool:
+    return bool(path) and any((Path(path) / f).is_file() for f in _TOKENIZER_CORE)
+
+
+def dataset_tokenizer(paths: list[str | os.PathLike]) -> Path | None:
+    """The tokenizer directory the datasets were prepared with (``dropup data prepare`` records it
+    in meta.json); None when none records one. ``UserError`` when they record different ones."""
+    found: list[tuple[Path, str | None, Path]] = []
+    for ds in paths:
+        try:
+            meta = json.loads((Path(ds) / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue  # the data loader reports a dataset it cannot read
+        tok = meta.get("tokenizer") if isinstance(meta, dict) else None
+        if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
+            continue
+        tdir = Path(ds) / tok["path"]
+        if has_tokenizer(tdir):
+            found.append((Path(ds), tok.get("sha256") or _file_sha(tdir), tdir))
+    for ds, sha, _ in found[1:]:
+        if sha != found[0][1]:
+            raise UserError(f"datasets {found[0][0]} and {ds} were tokenised with different tokenizers "
+                            "(their tokenizer.json differ); prepare all datasets of a run with one tokenizer")
+    return found[0][2] if found else None
+
+
+def _file_sha(tdir: Path) -> str | None:
+    return _sha256(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() else None
+
+
+def check_tokenizers(init: str | os.PathLike | None, datasets: list[str | os.PathLike]) -> Path | None:
+    """The tokenizer of a run: the init checkpoint's when it has one, else the datasets'. Raises
+    ``UserError`` (one line) when the datasets disagree, or when init's tokenizer.json differs
+    from the datasets' (token ids would mean different text in the export than in training)."""
+    data_tok = dataset_tokenizer(datasets)
+    if has_tokenizer(init):
+        init_sha, data_sha = _file_sha(Path(init)), _file_sha(data_tok) if data_tok else None
+        if init_sha and data_sha and init_sha != data_sha:
+            raise UserError(f"model.init {init} has a different tokenizer from the datasets' ({data_tok}): "
+                            "their tokenizer.json differ; prepare the data with --tokenizer "
+                            f"{init}")
+        return Path(init)
+    return data_tok
+
+
+def run_tokenizer(run_config: dict) -> Path | None:
+    """``check_tokenizers`` for a run's config as a checkpoint's trainer.json holds it."""
+    init = (run_config.get("model") or {}).get("init")
+    datasets = [d["path"] for d in (run_config.get("data") or {}).get("datasets", []) if d.get("path")]
+    return check_tokenizers(init, datasets)
+
+
+def _token_id(tdir: Path, token) -> int | None:
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    try:
+        tj = json.loads((tdir / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for added in tj.get("added_tokens", []):
+        if added.get("content") == token:
+            return added.get("id")
+    vocab = (tj.get("model") or {}).get("vocab")
+    return vocab.get(token) if isinstance(vocab, dict) else None
+
+
+def generation_config(config: dict, tokenizer_dir: Path | None, eos_token_id: int | None = None) -> dict:
+    """A minimal generation_config.json: bos/eos ids from config.json, else from the tokenizer,
+    else ``eos_token_id`` (the datasets' end-of-document id)."""
+    ids = {k: config.get(k) for k in ("bos_token_id", "eos_token_id")}
+    if tokenizer_dir is not None and any(v is None for v in ids.values()):
+        try:
+            tc = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            tc = {}
+        for key in ids:
+            if ids[key] is None:
+                ids[key] = _token_id(tokenizer_dir, tc.get(key.removesuffix("_id")))
+    if ids["eos_token_id"] is None:
+        ids["eos_token_id"] = eos_token_id
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def copy_tokenizer_files(tokenizer_dir: Path | None, init: str | os.PathLike | None, out: Path,
+                         config: dict, eos_token_id: int | None = None) -> list[str]:
+    """Tokenizer files from ``tokenizer_dir`` and ``generation_config.json`` from ``init`` (or a
+    minimal one) into ``out``; the names written."""
+    written = []
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            f = tokenizer_dir / fname
+            if fname != "generation_config.json" and f.is_file():
+                shutil.copyfile(f, out / fname)
+                written.append(fname)
+    gen = Path(init) / "generation_config.json" if init else None
+    if gen is not None and gen.is_file():
+        shutil.copyfile(gen, out / "generation_config.json")
+    else:
+        (out / "generation_config.json").write_text(
+            json.dumps(generation_config(config, tokenizer_dir, eos_token_id), indent=2) + "\n")
+    written.append("generation_config.json")
+    return written
