@@ -100,6 +100,20 @@ def test_init_and_dataset_tokenizers_must_agree(tmp_path):
         card.check_tokenizers(None, [same, other])
     with pytest.raises(UserError, match="different tokenizers"):
         card.run_tokenizer({"model": {"init": None}, "data": {"datasets": [{"path": str(same)}, {"path": str(other)}]}})
+    # the same vocabulary saved with other formatting (transformers rewrites tokenizer.json when
+    # `data prepare --tokenizer INIT` saves it) is the same tokenizer, not a mismatch
+    from dropup.data.prepare import train_tokenizer
+
+    real = tmp_path / "real"
+    train_tokenizer(["some text to learn a few merges from, again and again"] * 20, 300, real)
+    reformatted = tmp_path / "reformatted" / "tokenizer"
+    reformatted.mkdir(parents=True)
+    for f in real.iterdir():
+        (reformatted / f.name).write_bytes(f.read_bytes())
+    (reformatted / "tokenizer.json").write_text(json.dumps(json.loads((real / "tokenizer.json").read_text())))
+    write_dataset(reformatted.parent, {"train": [[1, 2, 0]]}, 300, eos_token_id=0,
+                  tokenizer={"path": "tokenizer", "sha256": "not-the-init-one"})
+    assert card.check_tokenizers(real, [reformatted.parent]) == real
     # an init without a tokenizer (only its config) takes the datasets'
     bare = tmp_path / "bare"
     bare.mkdir()

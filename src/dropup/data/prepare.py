@@ -12,7 +12,6 @@ at the end (``hub.atomic``); any failure removes it, so OUT is either complete o
 from __future__ import annotations
 
 import errno
-import hashlib
 import heapq
 import itertools
 import multiprocessing
@@ -33,6 +32,7 @@ from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, disc
 from dropup.data.tokens import TokenWriter, token_dtype
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
+from dropup.hub.digest import sha256_file
 from dropup.options import check_choices, check_ranges, ranged
 
 EOS = "<|endoftext|>"
@@ -191,10 +191,6 @@ def sample_documents(files: list[InputFile], ropts: ReadOptions, budget_bytes: i
                 size -= len(heapq.heappop(heap)[2])
     return [t for _, _, t in sorted(heap, key=lambda e: e[1])]
 
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -437,7 +433,7 @@ def _meta(opts: PrepareOptions, tok: LoadedTokenizer, tmp: Path, totals: Totals,
 
     return {
         "domain": opts.domain,
-        "tokenizer": {"path": "tokenizer", "source": opts.tokenizer, "sha256": _sha256_file(tmp / "tokenizer" /
+        "tokenizer": {"path": "tokenizer", "source": opts.tokenizer, "sha256": sha256_file(tmp / "tokenizer" /
                       "tokenizer.json"), "vocab_size": tok.vocab_size, "eos_token": tok.eos_token,
                       "eos_choice": tok.eos_choice,
                       **({"trained_vocab_size": opts.vocab_size, "sample_mb": opts.tokenizer_sample_mb}

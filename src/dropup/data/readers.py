@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dropup.errors import UserError
+from dropup.hub.digest import sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -456,11 +457,6 @@ def _read_json(inp: InputFile, stream, opts: ReadOptions) -> Iterator[str]:
     inp.replaced_utf8 += _bad_utf8[0] - before
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _read_columnar(inp: InputFile, opts: ReadOptions) -> Iterator[str]:
     try:
         import pyarrow as pa
@@ -501,7 +497,7 @@ def _read_columnar(inp: InputFile, opts: ReadOptions) -> Iterator[str]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{inp.path}: not a readable {what} file ({e})") from None
     inp.bytes = inp.path.stat().st_size
-    inp.sha256 = _file_sha256(inp.path)
+    inp.sha256 = sha256_file(inp.path)
 
 
 @dataclass

@@ -9,7 +9,6 @@ snapshot).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from dropup.errors import UserError
+from dropup.hub.digest import sha256_file
 from dropup.hub.safetensors import TOKENIZER_FILES
 
 TAGS = ("moe", "mixture-of-experts", "drop-upcycling", "dropup")
@@ -118,10 +118,6 @@ def write_model_card(out: str | os.PathLike, info: dict) -> None:
 # ---- tokenizers ------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def has_tokenizer(path: str | os.PathLike | None) -> bool:
     return bool(path) and any((Path(path) / f).is_file() for f in _TOKENIZER_CORE)
@@ -142,15 +138,15 @@ def dataset_tokenizer(paths: list[str | os.PathLike]) -> Path | None:
         tdir = Path(ds) / tok["path"]
         if has_tokenizer(tdir):
             found.append((Path(ds), tok.get("sha256") or _file_sha(tdir), tdir))
-    for ds, sha, _ in found[1:]:
-        if sha != found[0][1]:
+    for ds, sha, tdir in found[1:]:
+        if sha != found[0][1] and not _same_vocabulary(found[0][2], tdir):
             raise UserError(f"datasets {found[0][0]} and {ds} were tokenised with different tokenizers "
-                            "(their tokenizer.json differ); prepare all datasets of a run with one tokenizer")
+                            "(their vocabularies differ); prepare all datasets of a run with one tokenizer")
     return found[0][2] if found else None
 
 
 def _file_sha(tdir: Path) -> str | None:
-    return _sha256(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() else None
+    return sha256_file(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() else None
 
 
 def check_tokenizers(init: str | os.PathLike | None, datasets: list[str | os.PathLike]) -> Path | None:
@@ -159,13 +155,30 @@ def check_tokenizers(init: str | os.PathLike | None, datasets: list[str | os.Pat
     from the datasets' (token ids would mean different text in the export than in training)."""
     data_tok = dataset_tokenizer(datasets)
     if has_tokenizer(init):
-        init_sha, data_sha = _file_sha(Path(init)), _file_sha(data_tok) if data_tok else None
-        if init_sha and data_sha and init_sha != data_sha:
+        if data_tok and not _same_vocabulary(Path(init), data_tok):
             raise UserError(f"model.init {init} has a different tokenizer from the datasets' ({data_tok}): "
-                            "their tokenizer.json differ; prepare the data with --tokenizer "
+                            "their vocabularies differ; prepare the data with --tokenizer "
                             f"{init}")
         return Path(init)
     return data_tok
+
+
+def _same_vocabulary(a: Path, b: Path) -> bool:
+    """Whether two tokenizer directories map the same tokens to the same ids. The files alone
+    cannot say: ``dropup data prepare`` saves the tokenizer it was given through transformers,
+    which rewrites tokenizer.json (other formatting, other version fields) without changing it."""
+    if _file_sha(a) is not None and _file_sha(a) == _file_sha(b):
+        return True
+    if not (a / "tokenizer.json").is_file() or not (b / "tokenizer.json").is_file():
+        return True  # nothing comparable (e.g. a sentencepiece-only init): not a proven mismatch
+    from tokenizers import Tokenizer
+
+    try:
+        va, vb = (Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True)
+                  for d in (a, b))
+    except Exception:  # noqa: BLE001 - unreadable and not byte-identical: no proof that they agree
+        return False
+    return va == vb
 
 
 def run_tokenizer(run_config: dict) -> Path | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dropup.errors import UserError
 from dropup.hub import card
 from dropup.hub.atomic import atomic_dir
+from dropup.hub.digest import sha256_file
 from dropup.model.io import save_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -83,14 +83,10 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # checkpoints; hashing while writing would need hooks inside DCP's writer.
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def _hash_all(paths: list[Path]) -> list[str]:
     with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1, 16))) as pool:
-        return list(pool.map(_sha256, paths))
+        return list(pool.map(sha256_file, paths))
 
 
 def write_manifest(ckpt: Path) -> None:

@@ -37,6 +37,7 @@ from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text, exclusive_lock
+from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
 from dropup.model.io import load_model
@@ -105,6 +106,13 @@ def on_rank0(d: Dist, fn: Callable):
 def note(d: Dist, text: str) -> None:
     if d.rank == 0:
         print(f"dropup train: {text}", file=sys.stderr, flush=True)
+
+
+def phase(d: Dist, text: str, t0: float) -> None:
+    """A start-up phase on stdout (loading, compiling and sharding can take minutes on a big model,
+    and a silent terminal looks hung)."""
+    if d.rank == 0:
+        print(f"dropup train: {text} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def lock_run_dir(run_dir: Path):
@@ -308,9 +316,15 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
         saved = json.loads((ckpt / "trainer.json").read_text())
         changes = resume_changes(saved.get("config", {}), cfg, ckpt.name)  # the same on every rank
 
+    t0 = time.perf_counter()
+    # One tokenizer for the whole run: the init checkpoint's and every dataset's must agree, or
+    # the exports would pair the weights with the wrong vocabulary.
+    check_tokenizers(cfg.model.init, [spec.path for spec in cfg.data.datasets])
     sources, data_info = open_data(cfg)
     model = make_model(cfg, data_info["vocab_size"])
     mcfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    phase(d, f"model {cfg.model.init or cfg.model.preset}: {mcfg.model_type}, {params / 1e6:.1f}M parameters", t0)
     check_token_ids(cfg, mcfg.vocab_size)
     plan = plan_run(cfg, mcfg, d.world, d.device.type)
     mixture = Mixture(sources, plan.seq_len, cfg.seed)
@@ -318,8 +332,10 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
 
     if plan.compile:
         model.compile_layers()  # before sharding, so FSDP2's per-layer hooks stay outside the graphs
+        phase(d, "torch.compile per decoder layer: the first steps compile, then run fast", t0)
     if d.world > 1:
         model = shard(model, d, plan.bf16)  # moves the shards to the mesh's device
+        phase(d, f"sharded with FSDP2 over {d.world} processes", t0)
     else:
         model.to(d.device)
     optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
@@ -329,6 +345,7 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
         state = load_checkpoint(ckpt, model, optimizer)
         apply_settings(optimizer, cfg.optim)
         _restore(run, state, saved, changes)
+        phase(d, f"resumed from {ckpt} at step {run.step} ({run.tokens:,} tokens)", t0)
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
