@@ -89,6 +89,29 @@ def _run_upcycle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="a few tokens from a checkpoint (through transformers)",
+                       description="Continue a prompt with a Hugging Face checkpoint (an upcycled MoE, a "
+                       "training export, any causal LM), to see that it still produces text.")
+    p.add_argument("path", help="a Hugging Face checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled draws")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory when the checkpoint has none (default: the checkpoint's)")
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    from dropup.model.generate import generate
+
+    print(generate(a.path, a.prompt, max_new_tokens=a.max_new_tokens, sample=a.sample,
+                   temperature=a.temperature, top_p=a.top_p, seed=a.seed, tokenizer=a.tokenizer))
+    return 0
+
+
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="describe an MoE checkpoint and how alike its experts are")
     p.add_argument("path", help="a Hugging Face MoE checkpoint directory")
@@ -220,7 +243,7 @@ def _run_data(a: argparse.Namespace) -> int:
 
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
             "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
-            "data": (_data_parser, _run_data)}
+            "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate)}
 
 
 def build_parser() -> argparse.ArgumentParser:
