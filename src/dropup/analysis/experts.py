@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts
     }
 
 
-def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
+def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool = True) -> dict:
     ck = CheckpointReader(path, "checkpoint")
     cfg = _moe_config(ck)
     target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
@@ -134,8 +135,18 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True) -> dict:
             report["upcycling_unreadable"] = str(e)
     if similarity:
         # Qwen-MoE may interleave dense layers, which have no experts to compare.
-        report["similarity"] = [expert_similarity(ck, target, i, num_experts) for i in range(layers)
-                                if cfg.is_moe_layer(i)]
+        moe = [i for i in range(layers) if cfg.is_moe_layer(i)]
+        # Reading every expert of a large checkpoint takes a while: show it on a terminal.
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]inspect: comparing experts"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), disable=not (progress and sys.stderr.isatty()),
+                      transient=True) as bar:
+            task = bar.add_task("layers", total=len(moe))
+            report["similarity"] = []
+            for i in moe:
+                report["similarity"].append(expert_similarity(ck, target, i, num_experts))
+                bar.advance(task)
     return report
 
 
