@@ -17,6 +17,7 @@ from dropup.convert import surgery
 from dropup.convert.methods import METHODS
 from dropup.errors import UserError
 from dropup.hub import names as archs
+from dropup.hub.card import parameter_counts
 from dropup.hub.config import ModelConfig
 from dropup.hub.safetensors import CheckpointReader, json_type
 
@@ -106,16 +107,15 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool
     ck = CheckpointReader(path, "checkpoint")
     cfg = _moe_config(ck)
     target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
-    total = sum(math.prod(info.shape) for info in ck.tensors.values())
-    if cfg.tie_word_embeddings and "lm_head.weight" in ck.tensors:
-        total -= math.prod(ck.tensors["lm_head.weight"].shape)
+    shapes = {n: info.shape for n, info in ck.tensors.items()
+              if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
     per_expert = 0
     for m in surgery.FFN_MATRICES:
         name = archs.expert_name(target, 0, 0, m)
         if name in ck.tensors:
             per_expert += math.prod(ck.tensors[name].shape)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
-    active = total - moe_layers * (num_experts - top_k) * per_expert
+    total, active = parameter_counts(shapes, moe_layers * num_experts * per_expert, num_experts, top_k)
     report: dict = {
         "path": str(ck.path), "architecture": target, "layers": layers,
         "hidden_size": cfg.hidden_size, "expert_intermediate_size": cfg.moe_intermediate_size,

@@ -181,11 +181,16 @@ def _same_vocabulary(a: Path, b: Path) -> bool:
     return va == vb
 
 
-def run_tokenizer(run_config: dict) -> Path | None:
-    """``check_tokenizers`` for a run's config as a checkpoint's trainer.json holds it."""
+def run_inputs(run_config: dict) -> tuple[str | None, list[str]]:
+    """``model.init`` and the dataset paths of a run's config as a checkpoint's trainer.json holds it."""
     init = (run_config.get("model") or {}).get("init")
     datasets = [d["path"] for d in (run_config.get("data") or {}).get("datasets", []) if d.get("path")]
-    return check_tokenizers(init, datasets)
+    return init, datasets
+
+
+def run_tokenizer(run_config: dict) -> Path | None:
+    """``check_tokenizers`` for a run's config as a checkpoint's trainer.json holds it."""
+    return check_tokenizers(*run_inputs(run_config))
 
 
 def _token_id(tdir: Path, token) -> int | None:

@@ -211,9 +211,7 @@ def _write(tmp: Path, model, optimizer, trainer_state: dict, export_dtype: torch
 def write_export_side_files(export: Path, cfg, state_dict: dict, trainer_state: dict) -> None:
     """Tokenizer files, generation_config.json and README.md for the export ``export`` of a run
     whose config is ``trainer_state["config"]`` (the tokenizer: ``card.run_tokenizer``)."""
-    run_cfg = trainer_state.get("config") or {}
-    init = (run_cfg.get("model") or {}).get("init")
-    datasets = [d.get("path") for d in (run_cfg.get("data") or {}).get("datasets", []) if d.get("path")]
+    init, datasets = card.run_inputs(trainer_state.get("config") or {})
     # Refused at the start of training (card.check_tokenizers); a mismatch that appears later
     # (a dataset re-prepared under a running job) must not cost the checkpoint.
     try:
@@ -243,7 +241,7 @@ def export_card_info(cfg, state_dict: dict, trainer_state: dict) -> dict:
               if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     routed = sum(math.prod(s) for k, s in shapes.items() if ".mlp.experts." in k)
     total, active = card.parameter_counts(shapes, routed, cfg.num_experts, cfg.num_experts_per_tok)
-    init = ((trainer_state.get("config") or {}).get("model") or {}).get("init")
+    init, _ = card.run_inputs(trainer_state.get("config") or {})
     upcycling = None
     if init:
         try:
