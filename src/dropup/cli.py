@@ -71,7 +71,11 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUT (only once the new one is complete)")
     p.add_argument("--verify", action="store_true",
-                   help="load the result with transformers; for naive and r = 0 compare logits")
+                   help="run the result in transformers layer by layer against SRC: every tensor must be "
+                   "read; report the max logit difference and the loss change (naive and r = 0 must match)")
+    p.add_argument("--verify-text", default=d.verify_text, metavar="FILE",
+                   help="compare on this text, tokenised by SRC's tokenizer, instead of random tokens "
+                   "(implies --verify)")
     p.add_argument("--threads", type=int, default=d.threads, help="worker threads (default: one per core, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -85,7 +89,9 @@ def _run_upcycle(a: argparse.Namespace) -> int:
         print(f"wrote {a.out}: {prov['target']}, {a.num_experts} experts top-{a.top_k}, "
               f"method {a.method}, {prov['output_bytes'] / 1e9:.3f} GB in {prov['seconds']:.1f} s")
         if "verify" in prov:
-            print(f"verify: {json.dumps(prov['verify'])}")
+            from dropup.convert.verify import summary
+
+            print(summary(prov["verify"]))
     return 0
 
 

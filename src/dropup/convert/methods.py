@@ -38,6 +38,7 @@ class Method:
     intact: float | None  # share of each expert's neurons left as they were; None: outside the index sets
     copies: Callable[[float], bool]  # at this ratio every expert is a plain copy of a dense FFN
     preserves_dense: Callable[[float], bool]  # at this ratio the MoE computes the dense function at step 0
+    changes: str = ""  # what makes the step-0 MoE differ from the dense model ({ratio} is --ratio)
     needs_dense_ffn: bool = True
     sources: bool = False  # takes --sources: one dense model per group of experts
 
@@ -112,17 +113,20 @@ def _at_ratio_zero(ratio: float) -> bool:
 METHODS: dict[str, Method] = {
     # Drop-Upcycling: copies, a fraction r of each expert's neurons re-drawn from N(mean, std^2)
     "drop": Method(_drop_expert, "copy", intact=None, copies=_at_ratio_zero,
-                   preserves_dense=_at_ratio_zero),
+                   preserves_dense=_at_ratio_zero,
+                   changes="re-draws r = {ratio} of each expert's neurons at random"),
     # Sparse Upcycling (Komatsuzaki et al., 2023)
     "naive": Method(copy_expert, "copy", intact=1.0, copies=_always, preserves_dense=_always),
     # Random Noise Upcycling: copies, N(0, noise_std^2) added to a fraction r of the neurons
     "noise": Method(_noise_expert, "copy", intact=None, copies=_at_ratio_zero,
-                    preserves_dense=_at_ratio_zero),
+                    preserves_dense=_at_ratio_zero,
+                    changes="adds Gaussian noise to r = {ratio} of each expert's neurons"),
     # From Scratch: the MoE drawn from N(0, init_std^2), norms at one; only SRC's config is used
     "scratch": Method(_scratch_expert, "init", intact=0.0, copies=_never, preserves_dense=_never,
-                      needs_dense_ffn=False),
+                      changes="draws every weight at random (only SRC's shape is used)", needs_dense_ffn=False),
     # Branch-Train-MiX (Sukhbaatar et al., 2024): expert e from source floor(e * n / E)
     "btx": Method(copy_expert, "mean", intact=1.0, copies=_always, preserves_dense=_never,
+                  changes="averages the sources' non-FFN weights and mixes differently trained experts",
                   sources=True),
 }
 MethodName = Literal[*METHODS]

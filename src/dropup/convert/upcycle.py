@@ -73,6 +73,7 @@ class UpcycleOptions:
     threads: int = ranged(0, ge=0, integer=True, hint="0: one thread per core, at most 8")
     progress: bool = True
 
+    verify_text: str | None = None  # tokenised by SRC's tokenizer; implies verify
     def validate(self) -> None:
         check_choices(self)
         check_ranges(self)
@@ -91,6 +92,8 @@ class UpcycleOptions:
 
 
 def _check_shard_size(size) -> None:
+        if self.verify_text is not None:
+            self.verify = True
     if isinstance(size, bool) or not isinstance(size, str | int):
         raise UserError(f"--max-shard-size {size!r} is not a size; write e.g. 5GB or 500MB")
     try:
@@ -322,13 +325,15 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
         side = main.copy_side_files(tmp)
         for (layer, expert), entry in ctx.experts.items():
             entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
+    if opts.verify:
+        from dropup.convert.verify import verify, windows
+
+        verify_tokens = windows(shape.config.vocab_size, main.path, opts.verify_text, opts.seed)
         provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
         (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
         write_model_card(tmp, _card_info(ctx, plan, provenance))
         if opts.verify:
-            from dropup.convert.verify import verify
-
-            provenance["verify"] = verify(main.path, tmp, provenance)
+            provenance["verify"] = verify(main.path, tmp, provenance, verify_tokens, progress=opts.progress)
             (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return provenance
 

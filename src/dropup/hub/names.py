@@ -9,6 +9,7 @@ are, 5.x fuses them on load, vLLM and SGLang read them directly).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from dropup.errors import UserError
@@ -156,6 +157,15 @@ def shared_expert_names(target: str, layer: int) -> dict[str, str]:
         "down": p + "shared_expert.down_proj.weight",
         "shared_gate": p + "shared_expert_gate.weight",
     }
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a Hub tensor name belongs to (None for embeddings, final norm, LM head)."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
 
 
 def qk_norm_names(layer: int) -> tuple[str, str]:
