@@ -70,10 +70,10 @@ class UpcycleOptions:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     verify: bool = False
+    verify_text: str | None = None  # tokenised by SRC's tokenizer; implies verify
     threads: int = ranged(0, ge=0, integer=True, hint="0: one thread per core, at most 8")
     progress: bool = True
 
-    verify_text: str | None = None  # tokenised by SRC's tokenizer; implies verify
     def validate(self) -> None:
         check_choices(self)
         check_ranges(self)
@@ -89,11 +89,11 @@ class UpcycleOptions:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
         _check_shard_size(self.max_shard_size)
+        if self.verify_text is not None:
+            self.verify = True
 
 
 def _check_shard_size(size) -> None:
-        if self.verify_text is not None:
-            self.verify = True
     if isinstance(size, bool) or not isinstance(size, str | int):
         raise UserError(f"--max-shard-size {size!r} is not a size; write e.g. 5GB or 500MB")
     try:
@@ -311,6 +311,10 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
     ctx = Context(opts, method, shape, target, out_dtype, sources)
+    if opts.verify:
+        from dropup.convert.verify import verify, windows
+
+        verify_tokens = windows(shape.config.vocab_size, main.path, opts.verify_text, opts.seed)
     plan = _plan(ctx)
     total = sum(spec.nbytes for spec, _ in plan)
     with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
@@ -325,10 +329,6 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
         side = main.copy_side_files(tmp)
         for (layer, expert), entry in ctx.experts.items():
             entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
-    if opts.verify:
-        from dropup.convert.verify import verify, windows
-
-        verify_tokens = windows(shape.config.vocab_size, main.path, opts.verify_text, opts.seed)
         provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
         (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
         write_model_card(tmp, _card_info(ctx, plan, provenance))
