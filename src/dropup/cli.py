@@ -34,7 +34,8 @@ def _upcycle_parser(sub) -> None:
     p = sub.add_parser("upcycle", help="build an MoE checkpoint from a dense one",
                        description="Build a Hugging Face MoE checkpoint from a dense Llama-family "
                        "checkpoint by one of the Drop-Upcycling paper's construction methods.")
-    p.add_argument("src", help="dense Hugging Face checkpoint directory")
+    p.add_argument("src", help="dense Hugging Face checkpoint directory, or a .gguf file "
+                   "(dequantised first; needs the gguf extra)")
     p.add_argument("out", help="output directory (created; must be empty unless --overwrite)")
     p.add_argument("--method", default=d.method, choices=choices(UpcycleOptions, "method"),
                    help="construction method (default: %(default)s; see README)")
@@ -59,7 +60,7 @@ def _upcycle_parser(sub) -> None:
                    help="standard deviation of the router init (default 0.02)")
     p.add_argument("--init-std", type=float, default=d.init_std, help="std of the scratch method")
     p.add_argument("--sources", nargs="+", default=[], metavar="SRC_N",
-                   help="btx: dense models of SRC's shape, trained further from it")
+                   help="btx: dense models of SRC's shape, trained further from it (directories or .gguf files)")
     p.add_argument("--target", default=d.target, choices=choices(UpcycleOptions, "target"),
                    help="the MoE architecture written (auto: mixtral for llama/mistral, qwen2_moe, qwen3_moe)")
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,

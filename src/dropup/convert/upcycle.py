@@ -8,6 +8,7 @@ written, then computed by a pool of threads and streamed to disk in plan order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,8 @@ from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import model_name, parameter_counts, upcycling_info, write_model_card
 from dropup.hub.config import config_json, dense_to_moe
+from dropup.hub.gguf import dense_source
+from dropup.hub.gguf import origin as gguf_origin
 from dropup.hub.safetensors import (
     DTYPE_NAMES,
     CheckpointReader,
@@ -288,14 +291,25 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, opts: UpcycleOptions
     opts = dataclasses.replace(opts or UpcycleOptions(), **options)
     opts.sources = [str(s) for s in opts.sources]
     opts.validate()
+    with contextlib.ExitStack() as held:
+        # A GGUF source is dequantised into a temporary checkpoint beside OUT (hub/gguf.py),
+        # removed when the conversion ends; a checkpoint directory is read as it is.
+        log = (lambda line: print(f"dropup: {line}", file=sys.stderr, flush=True)) if opts.progress else None
+        local = [held.enter_context(dense_source(p, beside=out, what=what, log=log, progress=opts.progress))
+                 for what, p in [("SRC", src), *(("btx source", s) for s in opts.sources)]]
+        return _upcycle(src, out, opts, local)
+
+
+def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
+    """``upcycle`` once every source is a checkpoint directory (``local``: SRC's, then the btx sources')."""
     t0 = time.perf_counter()
     out = Path(out)
     method = METHODS[opts.method]
-    main = CheckpointReader(src, "SRC")
+    main = CheckpointReader(local[0], "SRC")
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
     sources = [main]
-    for s in opts.sources:
+    for s in local[1:]:
         ck = CheckpointReader(s, "btx source")
         other = archs.dense_shape(ck.config, f"btx source {ck.path}")
         if other != shape:
@@ -406,9 +420,11 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
             "path": str(main.path.resolve()),
             "config": main.config,
             "tensor_sha256_16": by_source.get(str(main.path), {}),
+            **gguf_origin(main.path),  # a GGUF source: its path and digest, not the temporary copy's
         },
         "btx_sources": [{"path": str(s.path.resolve()), "config": s.config,
-                         "tensor_sha256_16": by_source.get(str(s.path), {})} for s in ctx.sources[1:]],
+                         "tensor_sha256_16": by_source.get(str(s.path), {}), **gguf_origin(s.path)}
+                        for s in ctx.sources[1:]],
         "side_files": side,
         "output_bytes": total,
         "seconds": round(seconds, 3),

@@ -184,6 +184,9 @@ def _same_vocabulary(a: Path, b: Path) -> bool:
 def run_inputs(run_config: dict) -> tuple[str | None, list[str]]:
     """``model.init`` and the dataset paths of a run's config as a checkpoint's trainer.json holds it."""
     init = (run_config.get("model") or {}).get("init")
+    from dropup.hub.gguf import dequantised  # (hub.gguf imports this module)
+
+    init = str(dequantised(init) or init) if init else init  # a GGUF: its copy held by the run, if any
     datasets = [d["path"] for d in (run_config.get("data") or {}).get("datasets", []) if d.get("path")]
     return init, datasets
 

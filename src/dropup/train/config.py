@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from dropup.errors import UserError
+from dropup.hub.gguf import is_gguf
 from dropup.model.decoder import MOE_IMPLS
 from dropup.model.presets import PRESETS
 from dropup.options import Range, literal_args, ranged
@@ -60,7 +61,7 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
 
 @dataclass
 class ModelSection:
-    init: str | None = setting(None, resume="fixed")  # a Hugging Face checkpoint directory (dense or MoE)
+    init: str | None = setting(None, resume="fixed")  # a Hugging Face checkpoint directory (dense or MoE) or a dense GGUF file
     preset: str | None = setting(None, resume="fixed")  # or a from-scratch shape: one of PRESETS
     vocab_size: int | None = setting(None, ge=1, resume="fixed")  # presets only: override the preset's vocabulary
     init_std: float = setting(0.02, gt=0, resume="fixed")  # from-scratch: every matrix N(0, init_std^2)
@@ -144,8 +145,9 @@ class TrainConfig:
                             f"(one of {', '.join(PRESETS)})")
         if m.preset is not None and m.preset not in PRESETS:
             raise UserError(f"config: unknown model.preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
-        if m.init is not None and not (Path(m.init) / "config.json").exists():
-            raise UserError(f"config: model.init {m.init} is not a Hugging Face checkpoint (no config.json)")
+        if m.init is not None and not (Path(m.init) / "config.json").exists() and not is_gguf(m.init):
+            raise UserError(f"config: model.init {m.init} is not a Hugging Face checkpoint (no config.json) "
+                            "or a GGUF file")
         if not self.data.datasets:
             raise UserError("config: data.datasets is empty; list at least one prepared dataset directory")
         for d in self.data.datasets:

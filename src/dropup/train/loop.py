@@ -39,6 +39,7 @@ from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text, exclusive_lock
 from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
+from dropup.hub.gguf import dense_source
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
 from dropup.model.io import load_model
 from dropup.train.checkpoints import checkpoints, find_resumable, load_checkpoint, save_checkpoint
@@ -145,11 +146,14 @@ def open_validation(cfg: TrainConfig, seq_len: int, micro_batch: int) -> dict[st
     return val_sets
 
 
-def make_model(cfg: TrainConfig, data_vocab: int) -> CausalLM:
+def make_model(cfg: TrainConfig, data_vocab: int, init: str | None = None) -> CausalLM:
+    """The model to train: ``init`` (``model.init``, or its dequantised copy when that is a GGUF
+    file) loaded, else the preset drawn from the seed."""
     torch.manual_seed(cfg.seed)  # the from-scratch initialisation is a function of the seed
     m = cfg.model
-    if m.init is not None:
-        model = load_model(m.init, device="cpu", dtype=torch.float32, moe_impl=m.moe_impl)
+    init = init or m.init
+    if init is not None:
+        model = load_model(init, device="cpu", dtype=torch.float32, moe_impl=m.moe_impl)
     else:
         hf = dict(PRESETS[m.preset])
         hf["vocab_size"] = m.vocab_size or hf["vocab_size"] or data_vocab
@@ -261,7 +265,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     try:
         with contextlib.ExitStack() as held:
             on_rank0(d, lambda: held.enter_context(lock_run_dir(Path(cfg.out_dir))))
-            return _train(cfg, resume, d)
+            # A GGUF init is dequantised once, by rank 0, beside the run directory, and kept for
+            # the whole run: every checkpoint's export takes its tokenizer from that copy.
+            init = cfg.model.init and on_rank0(d, lambda: str(held.enter_context(dense_source(
+                cfg.model.init, beside=Path(cfg.out_dir), what="model.init", log=lambda s: note(d, s),
+                progress=cfg.progress))))
+            return _train(cfg, resume, d, init)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -301,7 +310,7 @@ class Run:
         return state
 
 
-def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
+def setup(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> Run:
     """Everything before the first step: data, model, plan, compile and sharding, optimizer, and
     the newest intact checkpoint's state when resuming. Rank 0 writes config.yaml."""
     run_dir = Path(cfg.out_dir)
@@ -319,9 +328,10 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
     t0 = time.perf_counter()
     # One tokenizer for the whole run: the init checkpoint's and every dataset's must agree, or
     # the exports would pair the weights with the wrong vocabulary.
-    check_tokenizers(cfg.model.init, [spec.path for spec in cfg.data.datasets])
+    init = init or cfg.model.init  # a GGUF's dequantised copy (``train``) or the checkpoint itself
+    check_tokenizers(init, [spec.path for spec in cfg.data.datasets])
     sources, data_info = open_data(cfg)
-    model = make_model(cfg, data_info["vocab_size"])
+    model = make_model(cfg, data_info["vocab_size"], init)
     mcfg = model.config
     params = sum(p.numel() for p in model.parameters())
     phase(d, f"model {cfg.model.init or cfg.model.preset}: {mcfg.model_type}, {params / 1e6:.1f}M parameters", t0)
@@ -472,8 +482,8 @@ def evaluate(run: Run) -> dict[str, float]:
     return out
 
 
-def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
-    run = setup(cfg, resume, d)
+def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> Path:
+    run = setup(cfg, resume, d, init)
     plan = run.plan
     log = _Log(run.run_dir / "metrics.jsonl", plan.total_steps, run.step, enabled=d.rank == 0, bar=cfg.progress)
     export_dtype = getattr(torch, cfg.export_dtype)
