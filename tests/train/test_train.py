@@ -411,16 +411,25 @@ def test_killed_during_a_checkpoint_write_resumes_exactly(tmp_path, datasets, re
     def reached() -> bool:
         return tmp.is_dir() and (not pattern or any(tmp.glob(pattern)))
 
-    proc = subprocess.Popen(_cli(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not reached() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        os.kill(proc.pid, sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    import shutil
+
+    for attempt in range(3):
+        # The export stage lasts milliseconds: on a loaded machine the poll can miss it and the run
+        # finishes first. That is a miss of the test's timing, not of the code: try again.
+        shutil.rmtree(run, ignore_errors=True)
+        proc = subprocess.Popen(_cli(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while not reached() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if proc.poll() is None:
+                os.kill(proc.pid, sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode != 0:
+            break
     assert not (run / "ckpt" / "step_20").exists(), "the kill did not land inside the checkpoint write"
     if sig == signal.SIGTERM:  # handled like Ctrl-C: the temporary is removed at once
         assert proc.returncode == 143, err.decode()
