@@ -248,56 +248,9 @@ def _run_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte per dataset",
-                       description="Evaluate checkpoints on prepared datasets (issue 13).")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints or training run directories")
-
-
-def _run_eval(a: argparse.Namespace) -> int:
-    raise UserError("eval: not built yet")
-
-
-def _analyze_routing_parser(dsub) -> None:
-    p = dsub.add_parser("routing", help="routing specialisation per domain (the paper's Figure 5)",
-                        description="Routing statistics of MoE checkpoints over domain samples.")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="MoE checkpoints")
-
-
-def _run_analyze_routing(a: argparse.Namespace) -> int:
-    raise UserError("analyze routing: not built yet")
-
-
-def _analyze_experts_parser(dsub) -> None:
-    p = dsub.add_parser("experts", help="expert diversity: weight similarity, shared neurons, redundancy",
-                        description="How alike the experts of MoE checkpoints are.")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="MoE checkpoints")
-
-
-def _run_analyze_experts(a: argparse.Namespace) -> int:
-    raise UserError("analyze experts: not built yet")
-
-
-ANALYSES = {"routing": (_analyze_routing_parser, _run_analyze_routing),
-            "experts": (_analyze_experts_parser, _run_analyze_experts)}
-
-
-def _analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="look inside MoE checkpoints: routing and expert diversity",
-                       description="Analyses of MoE checkpoints (dropup's or any Mixtral / Qwen-MoE).")
-    asub = p.add_subparsers(dest="analyze_command", required=True, metavar="{" + ",".join(ANALYSES) + "}")
-    for add, _ in ANALYSES.values():
-        add(asub)
-
-
-def _run_analyze(a: argparse.Namespace) -> int:
-    return ANALYSES[a.analyze_command][1](a)
-
-
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
             "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
-            "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate),
-            "eval": (_eval_parser, _run_eval), "analyze": (_analyze_parser, _run_analyze)}
+            "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +276,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the innermost command that ``args`` names (``dropup data prepare``'s for it)."""
-    for dest in ("command", "data_command", "analyze_command"):
+    for dest in ("command", "data_command"):
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
         if sub is None or getattr(args, dest, None) not in sub.choices:
             break
