@@ -201,7 +201,6 @@ def verify(src: Path, out: Path, provenance: dict | None = None, tokens: tuple[t
         provenance = read_json_object(Path(out) / "upcycling.json", "dropup's provenance record")
     moe = _StreamedModel(out, "the upcycled checkpoint")
     tokens, where = tokens or windows(moe.config.vocab_size, src)
-    dense = None
     with _bar(progress and sys.stderr.isatty()) as bar:
         task = bar.add_task("MoE", total=2 * moe.layers)
         moe_logits = moe.logits(tokens, lambda: bar.advance(task))
