@@ -170,6 +170,33 @@ def test_split_is_reproducible_from_the_seed_and_output_is_byte_identical(tmp_pa
     assert mix.batch(0, 4).shape == (4, 17)
 
 
+@pytest.mark.parametrize("batch_mb", [8.0, 0.0001])  # one batch, and a batch per document
+def test_a_small_corpus_whose_draws_miss_val_still_gets_a_validation_document(tmp_path, tokenizer_dir, batch_mb):
+    """Seen in CI: the tiny demo's code domain had too few documents for a 5% draw to hit, and
+    training then stopped for want of a 'val' split. The last document becomes val instead."""
+    docs = DOCS[:12]
+    seed = next(s for s in range(1000) if not (_uniform(s, np.arange(len(docs))) < 0.05).any())
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = _prep(tmp_path, [src], f"ds{batch_mb}", tokenizer=str(tokenizer_dir), val_fraction=0.05, seed=seed,
+                batch_mb=batch_mb)
+    tok = load_tokenizer(tokenizer_dir)
+    ids = [tok.backend.encode(d, add_special_tokens=False).ids + [tok.eos_id] for d in docs]
+    assert [t.tolist() for t in _docs_of(out, "train")] == ids[:-1]
+    assert [t.tolist() for t in _docs_of(out, "val")] == ids[-1:]
+    assert list(json.loads((out / "meta.json").read_text())["splits"]) == ["train", "val"]
+    # With no validation asked for, or a single document, nothing moves.
+    none = _prep(tmp_path, [src], f"none{batch_mb}", tokenizer=str(tokenizer_dir), val_fraction=0.0,
+                 batch_mb=batch_mb)
+    assert [t.tolist() for t in _docs_of(none, "train")] == ids
+    assert not (none / "val.bin").exists()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": docs[0]}) + "\n")
+    single = _prep(tmp_path, [one], f"single{batch_mb}", tokenizer=str(tokenizer_dir), val_fraction=0.05,
+                   seed=seed, batch_mb=batch_mb)
+    assert [t.tolist() for t in _docs_of(single, "train")] == ids[:1]
+
+
 def test_memory_stays_bounded_on_a_large_input(tmp_path, tokenizer_dir):
     """Peak RSS of a prepare run hardly grows from a 16 MB to a 96 MB input (JSONL whose records
     carry a large non-text field, so the run stays quick on one core). The first ~16 MB warm up

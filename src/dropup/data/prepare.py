@@ -298,15 +298,34 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
                    progress: _Progress) -> None:
     ropts = opts.read_options()
     docs_done, tokens_done = 0, 0
+    # Each document's split is a seeded draw, so a small corpus can draw no validation document at
+    # all (5% of 10 documents: 60% of the time) and training would then fail for want of a 'val'
+    # split. Until a draw lands in val, the latest train document is held back; if none ever
+    # does, it becomes the validation split. With any val draw the output is exactly the draws'.
+    held: list[np.ndarray] = []  # at most one document
+    val_seen = False
+
+    def write_train(tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if held:
+            writer.add(held.pop(), "train")
+        if lengths.size:
+            writer.add_batch(tokens, lengths, "train")
 
     def write(n_docs: int, owners: list[InputFile], result: tuple[np.ndarray, np.ndarray]) -> None:
-        nonlocal docs_done, tokens_done
+        nonlocal docs_done, tokens_done, val_seen
         flat, lengths = result
         is_val = _uniform(opts.seed, np.arange(docs_done, docs_done + n_docs)) < opts.val_fraction
         token_is_val = np.repeat(is_val, lengths)
-        for split, mask, tmask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
-            if mask.any():
-                writer.add_batch(flat[tmask], lengths[mask], split)
+        train_tokens, train_lengths = flat[~token_is_val], lengths[~is_val]
+        val_seen = val_seen or bool(is_val.any())
+        if val_seen or opts.val_fraction == 0:
+            write_train(train_tokens, train_lengths)
+        elif train_lengths.size:
+            last = int(train_lengths[-1])
+            write_train(train_tokens[:train_tokens.size - last], train_lengths[:-1])
+            held.append(train_tokens[train_tokens.size - last:].copy())
+        if is_val.any():
+            writer.add_batch(flat[token_is_val], lengths[is_val], "val")
         for owner, n in zip(owners, lengths.tolist()):
             owner.tokens += n
         docs_done += n_docs
@@ -345,6 +364,8 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
         while window:
             n, owners, fut = window.popleft()
             write(n, owners, fut.result())
+        if held:
+            writer.add(held.pop(), "val" if docs_done > 1 else "train")
     finally:
         if env_before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
