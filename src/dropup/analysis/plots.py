@@ -93,6 +93,10 @@ def coactivation(result: dict, path: Path) -> None:
                 continue
             co = np.asarray(m["coactivation"][m["layers"].index(chosen[r])], dtype=np.float64) / tokens
             im = ax.imshow(co, cmap="viridis", vmin=0)
+            ticks = range(0, len(co), max(1, len(co) // 8))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.set_xlabel("expert", fontsize=7)
             ax.set_title(f"{m['name']}  layer {chosen[r]}", fontsize=8)
             ax.tick_params(labelsize=6)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)

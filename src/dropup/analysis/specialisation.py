@@ -373,7 +373,9 @@ def read_samples(opts: RoutingOptions, models: list[_Model]) -> tuple[list[str],
             try:
                 check_tokenizers(m.path, opts.data)
             except UserError as e:
-                raise UserError(f"{str(e).split(';')[0]}; the token ids would mean other text to the "
+                # check_tokenizers words it for a run's model.init; here the model is analysed
+                first = str(e).split(";")[0].replace("model.init ", "model ", 1)
+                raise UserError(f"{first}; the token ids would mean other text to the "
                                 f"model: prepare the data with its tokenizer or pass --allow-tokenizer-mismatch") from None
     return names, samples
 
