@@ -34,7 +34,7 @@ def share_grid(result: dict, path: Path) -> None:
     plt = _pyplot()
     models, domains = result["models"], result["domains"]
     rows = max(len(result["figure_layers"][m["name"]]) for m in models)
-    fig, axes = _grid(plt, rows, len(models), max(3.0, 0.45 * max(m["num_experts"] for m in models) * len(domains) ** 0.5), 2.2)
+    fig, axes = _grid(plt, rows, len(models), min(10.0, max(3.0, 0.12 * max(m["num_experts"] for m in models) * len(domains))), 2.2)
     colors = plt.get_cmap("tab10")
     for c, m in enumerate(models):
         E = m["num_experts"]
@@ -51,7 +51,7 @@ def share_grid(result: dict, path: Path) -> None:
                 ax.bar(np.arange(E) + (d - (len(domains) - 1) / 2) * width, shares[li, d], width,
                        color=colors(d % 10), label=name)
             ax.axhline(1 / E, color="black", linestyle="--", linewidth=0.8)
-            ax.set_xticks(range(E))
+            ax.set_xticks(range(0, E, max(1, E // 16)))
             ax.set_ylim(0, max(1.5 / E, float(shares[li].max()) * 1.1))
             ax.set_title(f"{m['name']}  layer {chosen[r]}", fontsize=8)
             ax.tick_params(labelsize=7)
