@@ -113,6 +113,24 @@ def test_vocab_specialisation_and_repetition_baselines():
     assert sp.default_layers([0, 2]) == [0, 2]
 
 
+def test_counts_of_hand_made_routing():
+    """One domain, one window of 4 tokens, E=3, k=2, ids chosen by hand."""
+    c = sp.RoutingCounts(1, 1, 3, 2, vocab_size=5, vocab_layers=[0], device="cpu")
+    tokens = torch.tensor([[4, 4, 1, 4]])
+    ids = torch.tensor([[0, 1], [0, 2], [2, 0], [1, 2]])
+    c.add(0, tokens, [ids])
+    assert c.counts[0].tolist() == [[3, 2, 3]]
+    assert c.rank1[0, 0].tolist() == [2, 1, 1]
+    # pairs (0,1), (0,2), (2,0), (1,2): 0-1 once, 0-2 twice, 1-2 once
+    assert c.coact[0].tolist() == [[0, 1, 2], [1, 0, 1], [2, 1, 0]]
+    # (t-1, t) rank-1 pairs: 0->0 same; 0->2 (0 in t's top-k); 2->1 (2 in t's top-k)
+    assert c.pairs.tolist() == [3] and c.same[0].tolist() == [1] and c.in_topk[0].tolist() == [3]
+    assert c.vocab[0][4].tolist() == [2, 1, 0] and c.vocab[0][1].tolist() == [0, 0, 1]
+    m = sp.summarise(c, [0], [0])
+    assert m["repetition"]["rank1_same"] == [[1 / 3]]
+    assert m["shares"][0][0] == pytest.approx([3 / 8, 2 / 8, 3 / 8])
+
+
 # ---- counts equal transformers' own routing ----------------------------------------------------
 
 def _hf_counts(path: Path, tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,7 @@ class RoutingOptions:
     checkpoints: list[str]
     data: list[str]
     out: str
-    tokens: int = ranged(200_000, ge=1, integer=True, hint="tokens per domain")
+    tokens: int = ranged(200_000, ge=2, integer=True, hint="tokens per domain")
     split: str = "val"
     seq_len: int | None = ranged(None, ge=2, integer=True)  # None: 1024 or the models' max positions
     batch_size: int = ranged(8, ge=1, integer=True)
