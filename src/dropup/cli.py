@@ -268,7 +268,8 @@ def _routing_parser(asub) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len,
                    help="window length (default 1024, or the models' max positions if smaller)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward (default %(default)s)")
-    p.add_argument("--device", default=d.device, choices=choices(RoutingOptions, "device"))
+    p.add_argument("--device", default=d.device, choices=choices(RoutingOptions, "device"),
+                   help="where the models run (auto: CUDA when available, else the CPU)")
     p.add_argument("--dtype", default=d.dtype, choices=choices(RoutingOptions, "dtype"),
                    help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU; routers run in fp32 always)")
     p.add_argument("--layers", type=int, nargs="+", default=d.layers, metavar="LAYER",

@@ -307,3 +307,18 @@ def test_bad_inputs(moes, domains, dense, tmp_path, capsys):
     # a non-empty OUT is refused
     cli_fails(capsys, ["analyze", "routing", str(mix), "--data", str(domains[0]), "--out", str(tmp_path / "ok"),
                        "--tokens", "50", "--device", "cpu"], "not empty", "--overwrite")
+
+
+def test_analyze_usage_errors_are_one_line(capsys):
+    from dropup.cli import main
+
+    for argv, needles in [(["analyze"], ("dropup analyze: error:", "{routing}", "(see dropup analyze --help)")),
+                          (["analyze", "routing", "x"], ("required: --data, --out",
+                                                         "(see dropup analyze routing --help)")),
+                          (["analyze", "routing", "x", "--data", "d", "--out", "o", "--bogus"],
+                           ("unrecognized arguments: --bogus", "(see dropup analyze routing --help)"))]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert all(n in err[0] for n in needles), err[0]

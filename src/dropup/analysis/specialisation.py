@@ -532,6 +532,10 @@ def report_markdown(result: dict) -> str:
                   "| run | step | overlap |", "|---|---|---|"]
         for s in result["saturation"]:
             lines += [f"| {s['run']} | {st} | {_fmt(o)} |" for st, o in zip(s["steps"], s["mean_overlap"])]
+    lines += ["", "![expert shares per domain](shares.png)", "", "![JSD per layer](jsd.png)", "",
+              "![co-activation](coactivation.png)"]
+    if result["saturation"]:
+        lines += ["", "![router saturation](saturation.png)"]
     lines += [
         "", "## How to read it", "",
         "- **shares.png** (the paper's Figure 5): for each chosen layer (rows) and model (columns), each "
