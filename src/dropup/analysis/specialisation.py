@@ -66,7 +66,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -423,11 +423,52 @@ def _device_dtype(opts: RoutingOptions) -> tuple[torch.device, torch.dtype]:
 
 # ---- the analysis ------------------------------------------------------------------------------
 
+def _route_all(opts: RoutingOptions, models: list[_Model], samples: list[np.ndarray], seq_len: int,
+               figure: dict[str, list[int]], device, dtype) -> tuple[list[dict], list[dict]]:
+    """Each model's summary (in the order given) and the saturation of each run with >= 2
+    checkpoints. One model is in memory at a time."""
+    from dropup.model.io import load_model
+
+    saturation = []
+    # The final checkpoint of a run goes first: the others are compared with its routing.
+    runs: dict[Path, list[_Model]] = {}
+    for m in models:
+        if m.run is not None:
+            runs.setdefault(m.run, []).append(m)
+    finals = {id(v[-1]): v[-1] for v in runs.values() if len(v) > 1}
+    order = [m for m in models if id(m) in finals] + [m for m in models if id(m) not in finals]
+    reference: dict[Path, list[torch.Tensor]] = {}
+    overlaps: dict[int, np.ndarray] = {}
+    by_id = {}
+    for m in order:
+        if opts.progress:
+            print(f"dropup analyze routing: {m.name}", flush=True)
+        model = load_model(m.path, device=device, dtype=dtype).eval()
+        ref = reference.get(m.run) if m.run is not None and id(m) not in finals else None
+        counts, ids, ov = route_model(model, samples, seq_len, opts.batch_size, _vocab_layers(m, figure[m.name]),
+                                      reference=ref, keep_ids=id(m) in finals)
+        del model
+        if ids is not None:
+            reference[m.run] = ids
+        if ov is not None:
+            overlaps[id(m)] = ov
+        by_id[id(m)] = {"name": m.name, "path": str(m.path), "model_type": m.cfg.model_type,
+                        "run": str(m.run) if m.run else None, "step": m.step,
+                        **summarise(counts, _moe_layers(m.cfg), _vocab_layers(m, figure[m.name]))}
+    results = [by_id[id(m)] for m in models]
+    for run, ms in runs.items():
+        if len(ms) < 2:
+            continue
+        ov = [overlaps[id(m)].tolist() if id(m) in overlaps else [1.0] * len(_moe_layers(m.cfg)) for m in ms]
+        saturation.append({"run": str(run), "steps": [m.step for m in ms], "final_step": ms[-1].step,
+                           "overlap": ov, "mean_overlap": [float(np.mean(o)) for o in ov]})
+    return results, saturation
+
+
 def analyze_routing(opts: RoutingOptions) -> dict:
     """Run the routing analysis and write OUT (routing.json, report.md, the figures); returns
     what routing.json holds. Every input is checked before anything is computed or written."""
     from dropup.analysis import plots
-    from dropup.model.io import load_model
 
     opts = dataclasses.replace(opts, checkpoints=[str(c) for c in opts.checkpoints],
                                data=[str(d) for d in opts.data])
@@ -441,39 +482,7 @@ def analyze_routing(opts: RoutingOptions) -> dict:
     t0 = time.perf_counter()
     with atomic_dir(opts.out, existing="replace" if opts.overwrite else "refuse", label="--out",
                     advice="choose another path or pass --overwrite", protect=protect) as tmp:
-        results, saturation = [], []
-        # The final checkpoint of a run goes first: the others are compared with its routing.
-        runs: dict[Path, list[_Model]] = {}
-        for m in models:
-            if m.run is not None:
-                runs.setdefault(m.run, []).append(m)
-        finals = {id(v[-1]): v[-1] for v in runs.values() if len(v) > 1}
-        order = [m for m in models if id(m) in finals] + [m for m in models if id(m) not in finals]
-        reference: dict[Path, list[torch.Tensor]] = {}
-        overlaps: dict[int, np.ndarray] = {}
-        by_id = {}
-        for m in order:
-            if opts.progress:
-                print(f"dropup analyze routing: {m.name}", flush=True)
-            model = load_model(m.path, device=device, dtype=dtype).eval()
-            ref = reference.get(m.run) if m.run is not None and id(m) not in finals else None
-            counts, ids, ov = route_model(model, samples, seq_len, opts.batch_size, _vocab_layers(m, figure[m.name]),
-                                          reference=ref, keep_ids=id(m) in finals)
-            del model
-            if ids is not None:
-                reference[m.run] = ids
-            if ov is not None:
-                overlaps[id(m)] = ov
-            by_id[id(m)] = {"name": m.name, "path": str(m.path), "model_type": m.cfg.model_type,
-                            "run": str(m.run) if m.run else None, "step": m.step,
-                            **summarise(counts, _moe_layers(m.cfg), _vocab_layers(m, figure[m.name]))}
-        results = [by_id[id(m)] for m in models]
-        for run, ms in runs.items():
-            if len(ms) < 2:
-                continue
-            ov = [overlaps[id(m)].tolist() if id(m) in overlaps else [1.0] * len(_moe_layers(m.cfg)) for m in ms]
-            saturation.append({"run": str(run), "steps": [m.step for m in ms], "final_step": ms[-1].step,
-                               "overlap": ov, "mean_overlap": [float(np.mean(o)) for o in ov]})
+        results, saturation = _route_all(opts, models, samples, seq_len, figure, device, dtype)
         out = {"format": FORMAT, "version": VERSION, "split": opts.split, "seq_len": seq_len,
                "tokens_per_domain": sample_size(opts.tokens, seq_len), "dead_threshold": DEAD_THRESHOLD,
                "vocab_min_count": VOCAB_MIN_COUNT, "domains": domains, "datasets": opts.data,
