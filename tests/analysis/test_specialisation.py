@@ -133,25 +133,33 @@ def test_counts_of_hand_made_routing():
 
 # ---- counts equal transformers' own routing ----------------------------------------------------
 
-def _hf_counts(path: Path, tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k counts [L, E] and pair counts [L, E, E] from transformers' router logits."""
+def _hf_ids(path: Path, tokens: np.ndarray, seq_len: int) -> list[torch.Tensor]:
+    """Per MoE layer, the top-k ids [N, k] of every token from transformers' router logits."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
-    cfg = model.config
-    e = getattr(cfg, "num_local_experts", None) or cfg.num_experts
-    k = cfg.num_experts_per_tok
+    k = model.config.num_experts_per_tok
     n_full = len(tokens) // seq_len
     windows = [tokens[: n_full * seq_len].reshape(n_full, seq_len), tokens[n_full * seq_len :][None]]
-    counts, pairs = None, None
+    per_window = []
     with torch.no_grad():
-        for w in windows:
+        for w in (w for w in windows if w.size):
             out = model(torch.as_tensor(w, dtype=torch.long), output_router_logits=True)
-            ids = [r.float().softmax(-1).topk(k, -1).indices for r in out.router_logits]
-            c = np.stack([np.bincount(i.reshape(-1).numpy(), minlength=e) for i in ids])
-            hot = [np.eye(e)[i.numpy()].sum(1) for i in ids]
-            p = np.stack([h.T @ h - np.diag(np.diag(h.T @ h)) for h in hot])
-            counts, pairs = (c, p) if counts is None else (counts + c, pairs + p)
-    return counts, pairs
+            per_window.append([r.float().softmax(-1).topk(k, -1).indices for r in out.router_logits])
+    return [torch.cat(layer) for layer in zip(*per_window)]
+
+
+def _hf_counts(path: Path, tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k counts [L, E] and pair counts [L, E, E] from transformers' router logits."""
+    cfg = json.loads((path / "config.json").read_text())
+    e = cfg.get("num_local_experts") or cfg["num_experts"]
+    ids = _hf_ids(path, tokens, seq_len)
+    counts = np.stack([np.bincount(i.reshape(-1).numpy(), minlength=e) for i in ids])
+    hot = [np.eye(e)[i.numpy()].sum(1) for i in ids]
+    return counts, np.stack([h.T @ h - np.diag(np.diag(h.T @ h)) for h in hot])
+
+
+def _val_tokens(ds: Path, n: int) -> np.ndarray:
+    return np.fromfile(ds / "val.bin", dtype=np.uint16)[:n].astype(np.int64)
 
 
 @pytest.mark.parametrize("name", list(MOE_CASES))
@@ -165,8 +173,7 @@ def test_counts_equal_transformers_router_logits(moes, domains, tmp_path, name):
     counts, shares = np.asarray(m["counts"]), np.asarray(m["shares"])
     all_pairs = np.zeros_like(np.asarray(m["coactivation"]))
     for d, ds in enumerate(domains):
-        tokens = np.fromfile(ds / "val.bin", dtype=np.uint16)[:n].astype(np.int64)
-        hf, pairs = _hf_counts(moes[name], tokens, seq_len)
+        hf, pairs = _hf_counts(moes[name], _val_tokens(ds, n), seq_len)
         np.testing.assert_array_equal(counts[:, d], hf)
         all_pairs += pairs.astype(np.int64)
     np.testing.assert_array_equal(np.asarray(m["coactivation"]), all_pairs)
@@ -254,6 +261,11 @@ def test_run_directory_saturation_and_outputs(moes, domains, tmp_path, capsys):
     assert sat["steps"] == [10, 20, 30] and sat["final_step"] == 30
     assert sat["mean_overlap"][1:] == [1.0, 1.0]  # the same weights as the final checkpoint
     assert 0 <= sat["mean_overlap"][0] < 1
+    # the overlap of the first checkpoint, from transformers' routing of both models
+    a, b = ([_hf_ids(p, _val_tokens(ds, 100), 25) for ds in domains] for p in (other, moes["mixtral"]))
+    inter = [sum((x[:, :, None] == y[:, None, :]).any(-1).sum().item() for x, y in zip(la, lb))
+             for la, lb in zip(zip(*a), zip(*b))]
+    np.testing.assert_allclose(sat["overlap"][0], np.array(inter) / (2 * 100 * 2), atol=1e-12)
     assert res["figure_layers"]["qwen3_moe"] == [1]
     # the final checkpoint's counts are those of the same model analysed on its own
     assert res["models"][2]["counts"] == res["models"][1]["counts"]
