@@ -8,8 +8,8 @@ written by ``dropup.model.io.save_model``) and three synthetic token datasets (`
 uniform random ids, 200k val tokens each), then times ``analyze_routing`` end to end (checkpoint
 loading, the forward passes, counting, routing.json, figures and report) with its defaults: seq
 len 1024, batch 8, bf16 on CUDA. The first run includes CUDA start-up; the table shows every run.
-``--tiny`` uses the ``moe-tiny`` preset on the CPU (20k tokens per domain) so it runs in seconds
-anywhere. The table is printed and appended to RESULTS.md unless --no-record.
+``--tiny`` (implied without a GPU) uses the ``moe-tiny`` preset on the CPU (20k tokens per domain)
+so it runs in seconds anywhere. The table is printed and appended to RESULTS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ from dropup.model.presets import PRESETS  # noqa: E402
 DOMAINS = ("code", "prose", "c")
 
 
-def build_inputs(root: Path, preset: str, vocab: int | None, tokens: int, seed: int = 0) -> tuple[Path, list[Path]]:
+def build_inputs(root: Path, preset: str, vocab: int | None, tokens: int, device: str,
+                 seed: int = 0) -> tuple[Path, list[Path]]:
     hf = dict(PRESETS[preset])
     if hf.get("vocab_size") is None:
         hf["vocab_size"] = vocab
     cfg = ModelConfig.from_hf(hf)
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg, device=device)  # random init on the GPU: seconds, not minutes
     save_model(model, root / "moe", dtype=torch.bfloat16)
     rng = np.random.default_rng(seed)
     data = []
@@ -65,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     a = ap.parse_args(argv)
+    if not a.tiny and not torch.cuda.is_available():
+        print("no CUDA device: timing the tiny shape on the CPU instead (--tiny)", flush=True)
+        a.tiny = True
     preset = "moe-tiny" if a.tiny else "moe-8x152m"
     tokens = a.tokens or (20_000 if a.tiny else 200_000)
-    device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
+    device = "cpu" if a.tiny else "cuda"
     rows = []
     with tempfile.TemporaryDirectory(prefix="analysis-bench-") as tmp:
         t = time.perf_counter()
-        moe, data = build_inputs(Path(tmp), preset, 4096, tokens)
+        moe, data = build_inputs(Path(tmp), preset, 4096, tokens, device)
         build_s = time.perf_counter() - t
         for r in range(a.repeat):
             out = Path(tmp) / f"out{r}"

@@ -182,6 +182,17 @@ def test_counts_equal_transformers_router_logits(moes, domains, tmp_path, name):
     assert res["domains"] == ["code", "b"]
 
 
+def test_large_vocabularies_count_token_ids_in_the_figure_layers_only(moes, domains, tmp_path, monkeypatch):
+    monkeypatch.setattr(sp, "VOCAB_BUDGET", VOCAB * 4 * 2 - 1)  # the mixtral's two layers do not fit
+    m = analyze_routing(RoutingOptions([moes["mixtral"]], domains, str(tmp_path / "out"), tokens=100,
+                                       device="cpu", layers=[1]))["models"][0]
+    assert m["vocab"]["layers"] == [1] and len(m["vocab"]["mean_top_share"]) == 1
+    monkeypatch.setattr(sp, "VOCAB_BUDGET", VOCAB * 4 * 2)
+    m = analyze_routing(RoutingOptions([moes["mixtral"]], domains, str(tmp_path / "out2"), tokens=100,
+                                       device="cpu", layers=[1]))["models"][0]
+    assert m["vocab"]["layers"] == [0, 1]
+
+
 # ---- a naive upcycle: identical experts ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
