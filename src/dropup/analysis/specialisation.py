@@ -541,6 +541,15 @@ def report_markdown(result: dict) -> str:
                   "| run | step | overlap |", "|---|---|---|"]
         for s in result["saturation"]:
             lines += [f"| {s['run']} | {st} | {_fmt(o)} |" for st, o in zip(s["steps"], s["mean_overlap"])]
+    lines += ["", "## Per layer", "",
+              "Domain-averaged shares; dead = experts below 1% in every domain.", ""]
+    for m in result["models"]:
+        lines += [f"### {m['name']}", "", "| layer | JSD | dead | concentration | entropy / ln E | max/mean |",
+                  "|---|---|---|---|---|---|"]
+        a = m["all_domains"]
+        lines += [f"| {l} | {_fmt(m['jsd'][i])} | {m['dead_count'][i]} | {_fmt(a['concentration'][i])} "
+                  f"| {_fmt(a['entropy'][i])} | {_fmt(a['max_mean'][i], 2)} |" for i, l in enumerate(m["layers"])]
+        lines.append("")
     lines += ["", "![expert shares per domain](shares.png)", "", "![JSD per layer](jsd.png)", "",
               "![co-activation](coactivation.png)"]
     if result["saturation"]:
