@@ -248,9 +248,70 @@ def _run_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _routing_parser(asub) -> None:
+    from dropup.analysis.specialisation import RoutingOptions
+
+    d = RoutingOptions(checkpoints=[], data=[], out="")
+    p = asub.add_parser("routing", help="how the routers divide domains among experts (the paper's Figure 5)",
+                        description="Run MoE checkpoints over a fixed token sample per domain and record, "
+                        "per layer, expert shares per domain, cross-domain JSD, dead experts, load "
+                        "imbalance, co-activation, repetition and vocabulary specialisation; writes "
+                        "routing.json, report.md and PNG figures into OUT.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="Hugging Face MoE checkpoint directories, or training run directories (all their "
+                   "ckpt/step_N/model, with router saturation against the last)")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATASET",
+                   help="dataset directories of `dropup data prepare`, one domain each")
+    p.add_argument("--out", required=True, help="output directory (new or empty unless --overwrite)")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per domain (default %(default)s)")
+    p.add_argument("--split", default=d.split, help="dataset split (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="window length (default 1024, or the models' max positions if smaller)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward (default %(default)s)")
+    p.add_argument("--device", default=d.device, choices=choices(RoutingOptions, "device"),
+                   help="where the models run (auto: CUDA when available, else the CPU)")
+    p.add_argument("--dtype", default=d.dtype, choices=choices(RoutingOptions, "dtype"),
+                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU; routers run in fp32 always)")
+    p.add_argument("--layers", type=int, nargs="+", default=d.layers, metavar="LAYER",
+                   help="layers shown in the figures (default: up to 4 spread over depth)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="analyse data tokenised by another tokenizer than the model's")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress or table")
+
+
+def _run_routing(a: argparse.Namespace) -> int:
+    from dropup.analysis.specialisation import RoutingOptions, analyze_routing, report_markdown
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "analyze_command", "quiet")}
+    result = analyze_routing(RoutingOptions(**opts, progress=not a.quiet))
+    if not a.quiet:
+        table = report_markdown(result).split("\n## ")[0]
+        print(table.strip())
+        print(f"wrote {a.out} in {result['seconds']:.1f} s")
+    return 0
+
+
+# `dropup analyze NAME`: one entry per analysis, (add its parser, run it).
+ANALYSES = {"routing": (_routing_parser, _run_routing)}
+
+
+def _analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="look inside MoE checkpoints: routing, ...",
+                       description="Analyses of MoE checkpoints; see each one's --help.")
+    asub = p.add_subparsers(dest="analyze_command", required=True, metavar="{" + ",".join(ANALYSES) + "}")
+    for add, _ in ANALYSES.values():
+        add(asub)
+
+
+def _run_analyze(a: argparse.Namespace) -> int:
+    return ANALYSES[a.analyze_command][1](a)
+
+
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
             "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
-            "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate)}
+            "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate),
+            "analyze": (_analyze_parser, _run_analyze)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,11 +337,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the innermost command that ``args`` names (``dropup data prepare``'s for it)."""
-    for dest in ("command", "data_command"):
+    for dest in ("command", "data_command", "analyze_command"):
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None or getattr(args, dest, None) not in sub.choices:
+        if sub is None:
             break
-        parser = sub.choices[getattr(args, dest)]
+        if getattr(args, dest, None) in sub.choices:  # each command level has its own dest
+            parser = sub.choices[getattr(args, dest)]
     return parser
 
 

@@ -9,6 +9,12 @@ import torch
 import torch.distributed as dist
 
 
+def topk_ids(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The experts each row of router logits [N, E] is sent to, [N, k], best first: the softmax's
+    top-k as the models route (Mixtral, Qwen-MoE; norm_topk_prob rescales weights, not ids)."""
+    return logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices
+
+
 def expert_counts(
     router_logits: list[torch.Tensor], top_k: int, num_experts: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -20,7 +26,7 @@ def expert_counts(
     """
     rows = []
     for logits in router_logits:
-        ids = logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices
+        ids = topk_ids(logits, top_k)
         w = torch.ones_like(ids, dtype=torch.float32)
         if mask is not None:
             w = w * mask.reshape(-1, 1).to(w)
