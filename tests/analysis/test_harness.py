@@ -114,7 +114,7 @@ def test_lm_eval_bits_per_byte_match_the_reference(setup):
         # the float32 sums differ, ~1e-7 relative. A first token conditioned on anything else
         # moves the result by far more than the tolerance (checked below).
         assert got == pytest.approx(expect, rel=1e-5)
-        other = _reference_nll(model, texts, tokenizer, prefix=0) / (math.log(2) * n_bytes)
+        other = _reference_nll(model, texts, tokenizer, prefix=prefix + 1) / (math.log(2) * n_bytes)
         assert abs(other - expect) > 100 * 1e-5 * expect
         macro.append(expect)
     group = results["groups"]["dropup"]["bits_per_byte,none"]

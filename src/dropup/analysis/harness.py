@@ -45,7 +45,9 @@ from dropup.options import check_choices, check_ranges, ranged
 
 INSTALL = "pip install 'dropup[eval]'"
 TASK_PREFIX = "dropup_"
-METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+# metric -> lm-eval's aggregation of it (corpus sums: the same as its wikitext task)
+METRICS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+           "bits_per_byte": "bits_per_byte"}
 _DECODE_BATCH = 1024  # documents decoded (and re-encoded) at a time: bounded memory on big splits
 
 
@@ -131,7 +133,7 @@ def _task_yaml(name: str, data_file: Path, split: str, dataset: Path, w: _Writte
         "doc_to_target": "text",
         "should_decontaminate": True,
         "doc_to_decontamination_query": "text",
-        "metric_list": [{"metric": m} for m in METRICS],
+        "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": False} for m, a in METRICS.items()],
         "metadata": {"version": 1.0, "dataset": str(dataset), "split": split, "domain": meta.get("domain"),
                      "docs": w.docs, "tokens": w.tokens, "bytes": w.bytes,
                      "roundtrip_mismatches": w.mismatches, "tokenizer_sha256": tok.get("sha256")},
