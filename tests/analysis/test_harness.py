@@ -123,8 +123,10 @@ def test_lm_eval_bits_per_byte_match_the_reference(setup):
 
 def test_limit_caps_the_documents(setup):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional extra dropup[eval]")
-    results = harness.run_lm_eval(setup["model"], ["dropup_code"], include_path=setup["tasks"], limit=2)
-    assert results["n-samples"]["dropup_code"]["effective"] == 2
+    results = harness.run_lm_eval(setup["model"], "dropup_code, dropup_p*", include_path=setup["tasks"], limit=2)
+    assert {k: v["effective"] for k, v in results["n-samples"].items()} == {"dropup_code": 2, "dropup_prose": 2}
+    back = json.loads(harness.to_json(results))
+    assert back["results"]["dropup_code"]["bits_per_byte,none"] == harness.bits_per_byte(results, "dropup_code")
 
 
 def test_max_docs_and_names(setup, tmp_path):
@@ -155,7 +157,7 @@ def test_run_lm_eval_bad_input(setup, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a Hugging Face model directory"):
         harness.run_lm_eval(tmp_path, ["dropup_prose"])
     with pytest.raises(UserError, match="no lm-eval tasks"):
-        harness.run_lm_eval(setup["model"], [])
+        harness.run_lm_eval(setup["model"], " , ")
     with pytest.raises(UserError, match="--dtype 'float8' is not one of"):
         harness.run_lm_eval(setup["model"], ["dropup_prose"], dtype="float8")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed

@@ -241,9 +241,10 @@ def _check_checkpoint(model_dir: Path) -> None:
 
 
 def task_manager(tasks: list[str], include_path: str | os.PathLike | list | None = None):
-    """An lm-eval ``TaskManager`` that knows every name of ``tasks`` (names, groups or glob
-    patterns), else ``UserError`` naming the first unknown one. lm-eval's own task index takes
-    about 10 s to build, so it is left out when ``include_path`` holds all the tasks."""
+    """(an lm-eval ``TaskManager`` that knows every name of ``tasks``, the names with glob patterns
+    expanded, in the order given), else ``UserError`` naming the first unknown one. lm-eval's own
+    task index takes about 10 s to build, so it is left out when ``include_path`` holds all the
+    tasks."""
     _, TaskManager = _import_lm_eval()
     paths = None if include_path is None else [str(p) for p in
                                                 (include_path if isinstance(include_path, list) else [include_path])]
@@ -251,47 +252,60 @@ def task_manager(tasks: list[str], include_path: str | os.PathLike | list | None
         if not Path(p).is_dir():
             raise UserError(f"include path {p} is not a directory (write one with write_tasks)")
 
-    def unknown(tm) -> list[str]:
-        return [t for t in tasks if not tm.match_tasks([t])]
+    def expand(tm) -> list[list[str]]:
+        return [tm.match_tasks([t]) for t in tasks]
+
+    def result(tm, found) -> tuple:
+        names = [n for group in found for n in group]
+        return tm, list(dict.fromkeys(names))
 
     if paths:
         tm = TaskManager(include_path=paths, include_defaults=False)
-        if not unknown(tm):
-            return tm
+        found = expand(tm)
+        if all(found):
+            return result(tm, found)
     tm = TaskManager(include_path=paths)
-    missing = unknown(tm)
+    found = expand(tm)
+    missing = [t for t, f in zip(tasks, found) if not f]
     if missing:
         raise UserError(f"unknown lm-eval task {missing[0]!r}; `lm_eval ls tasks` lists them"
                         + (f" (tasks in {', '.join(paths)} included)" if paths else
                            "; tasks written by `dropup eval --write-lm-eval-tasks DIR` need --include-path DIR"))
-    return tm
+    return result(tm, found)
 
 
-def run_lm_eval(model_dir: str | os.PathLike, tasks: list[str], include_path=None, device: str = "cpu",
+def split_tasks(tasks: str | list[str]) -> list[str]:
+    """Task names as lm-eval's ``--tasks`` takes them: a comma-separated string or a list."""
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    return [t.strip() for t in items if t.strip()]
+
+
+def run_lm_eval(model_dir: str | os.PathLike, tasks: str | list[str], include_path=None, device: str = "cpu",
                 dtype: str = "float32", batch_size: int = 8, limit: int | None = None,
                 seed: int = 1234) -> dict:
     """lm-eval's ``simple_evaluate`` on the Hugging Face checkpoint ``model_dir`` (its ``hf``
     model, local files, no remote code, weights from safetensors) for ``tasks``; its result
     dict (``results``, ``groups``, ``configs``, ...; no per-sample logs).
 
-    ``include_path`` names directories of extra task YAMLs (``write_tasks``'); ``limit`` caps
+    ``tasks`` are names, groups or glob patterns, as a list or comma-separated. ``include_path`` names directories of extra task YAMLs (``write_tasks``'); ``limit`` caps
     the documents per task (the first ones). The datasets of lm-eval's own tasks come from the
     Hugging Face cache or the Hub as its environment variables say (HF_DATASETS_OFFLINE);
     ``write_tasks``' tasks read local files only. ``seed`` seeds lm-eval's random draws (few-shot
     sampling; rolling log-likelihood draws nothing).
     """
-    if isinstance(tasks, str) or not tasks:
+    tasks = split_tasks(tasks)
+    if not tasks:
         raise UserError("no lm-eval tasks given; name them, e.g. dropup_prose or hellaswag")
     opts = LmEvalOptions(device=device, dtype=dtype, batch_size=batch_size, limit=limit)
     opts.validate()
     model_dir = Path(model_dir)
     _check_checkpoint(model_dir)
     lm_eval, _ = _import_lm_eval()
-    tm = task_manager(list(tasks), include_path)
+    tm, tasks = task_manager(tasks, include_path)
     model_args = {"pretrained": str(model_dir.resolve()), "dtype": opts.dtype, "trust_remote_code": False,
                   "use_safetensors": True, "local_files_only": True}
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=list(tasks), task_manager=tm, device=opts.device,
+        model="hf", model_args=model_args, tasks=tasks, task_manager=tm, device=opts.device,
         batch_size=opts.batch_size, limit=opts.limit, log_samples=False, random_seed=seed,
         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     if results is None:  # lm-eval returns None on ranks other than 0 of a distributed run
@@ -307,6 +321,14 @@ def format_table(results: dict) -> str:
     if results.get("groups"):
         table += "\n" + make_table(results, "groups")
     return table
+
+
+def to_json(results: dict) -> str:
+    """The results as JSON (what ``lm_eval --output_path`` writes; dtypes and the like as
+    strings), for ``dropup.hub.atomic.atomic_write_text``."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
 
 
 def bits_per_byte(results: dict, task: str) -> float:
