@@ -9,13 +9,14 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from dropup.analysis import harness
 from dropup.data.prepare import PrepareOptions, load_tokenizer, prepare
-from dropup.data.tokens import TokenFile, write_dataset
+from dropup.data.tokens import TokenFile, TokenWriter, write_dataset
 from dropup.errors import UserError
 from conftest import build_dense
 
@@ -145,6 +146,14 @@ def test_write_tasks_bad_input(setup, tmp_path):
         harness.write_tasks(tmp_path / "a", [prose], names=["a", "b"])
     with pytest.raises(UserError, match="no 'test' split"):
         harness.write_tasks(tmp_path / "a", [prose], split="test")
+    with pytest.raises(UserError, match="group name 'a b'"):
+        harness.write_tasks(tmp_path / "a", [prose], group="a b")
+    with TokenWriter(tmp_path / "empty", vocab_size=10, eos_token_id=0) as w:
+        w.add([1, 0], "train")
+        w.add_batch(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), "val")  # a val split, empty
+    empty = tmp_path / "empty"
+    with pytest.raises(UserError, match="no documents in its 'val' split"):
+        harness.write_tasks(tmp_path / "a", [empty])
     bare = write_dataset(tmp_path / "bare", {"val": [[1, 2, 0]]}, 10, eos_token_id=0)
     with pytest.raises(UserError, match="no tokenizer directory"):
         harness.write_tasks(tmp_path / "a", [bare])

@@ -172,7 +172,13 @@ def write_tasks(out_dir: str | os.PathLike, datasets: list[str | os.PathLike], s
         raise UserError(f"{len(names)} task names for {len(datasets)} datasets; give one name per dataset")
     if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
         raise UserError(f"max_docs must be a positive integer, got {max_docs!r}")
+    if group is not None and not re.fullmatch(r"[0-9A-Za-z_]+", group):
+        raise UserError(f"group name {group!r}: use letters, digits and underscores (it is a file name too)")
     files = [TokenFile(d, split) for d in datasets]
+    for f in files:
+        if len(f.offsets) < 2:
+            raise UserError(f"dataset {f.path} has no documents in its {split!r} split; prepare it with "
+                            "--val-fraction above 0 or choose another split")
     tasks = []
     for i, f in enumerate(files):
         base = names[i] if names is not None else (f.meta.get("domain") or f.path.resolve().name)
