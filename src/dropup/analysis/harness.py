@@ -15,7 +15,10 @@ lm-eval's Python API (any of its own tasks too), ``format_table`` its result tab
 How lm-eval scores such a task (lm_eval.models.huggingface.HFLM.loglikelihood_rolling): the
 document text is encoded with the model's tokenizer, cut into disjoint windows of the model's
 maximum length, the first window conditioned on one prefix token (the tokenizer's BOS, else its
-EOS), later windows on the tokens before them; every token of the document is scored once. The
+EOS), later windows on the tokens before them; every token of the document is scored once (its
+EOS is not part of the text, so it is not). lm-eval encodes with the tokenizer's default special
+tokens: a tokenizer that adds BOS itself (Llama's) has that BOS scored as a first target too (one
+token per document, and a costly one: models rarely predict BOS); ``data prepare`` adds none. The
 bits per byte of a task are the corpus sums -sum(log p) / (ln 2 * sum of UTF-8 bytes), not a mean
 over documents.
 
@@ -127,12 +130,10 @@ def _task_yaml(name: str, data_file: Path, split: str, dataset: Path, w: _Writte
         "dataset_kwargs": {"data_files": {split: str(data_file)}},
         "test_split": split,
         "output_type": "loglikelihood_rolling",
-        # the whole document is the target, read as the field itself (a Jinja template would
-        # drop a trailing newline)
+        # the whole document is the target: a feature name is taken as it is, no template
+        # rendering between the decoded text and what lm-eval encodes
         "doc_to_text": "",
         "doc_to_target": "text",
-        "should_decontaminate": True,
-        "doc_to_decontamination_query": "text",
         "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": False} for m, a in METRICS.items()],
         "metadata": {"version": 1.0, "dataset": str(dataset), "split": split, "domain": meta.get("domain"),
                      "docs": w.docs, "tokens": w.tokens, "bytes": w.bytes,
