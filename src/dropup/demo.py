@@ -162,6 +162,21 @@ def evaluate(model_dir: Path, data: dict[str, Path], s: DemoScale) -> dict[str, 
     return out
 
 
+def _routing(out: Path, data: dict[str, Path], s: DemoScale) -> dict:
+    """The paper's Figure 5 analysis of both trained MoEs, on as many validation tokens per domain
+    as the smallest domain has (at most the analysis's default)."""
+    from dropup.analysis.specialisation import RoutingOptions, analyze_routing, comparison_table
+    from dropup.data.tokens import TokenFile
+
+    tokens = min(200_000, *(len(TokenFile(p, "val").tokens) for p in data.values()))
+    result = analyze_routing(RoutingOptions([str(out / f"moe-{n}") for n in MOE_RUNS], [str(p) for p in data.values()],
+                                            str(out / "routing"), tokens=tokens, seq_len=s.seq_len,
+                                            batch_size=s.micro_batch, device="cpu", overwrite=True))
+    return {"tokens": tokens, "mean_jsd": {m["name"]: m["mean_jsd"] for m in result["models"]},
+            "dead_experts": {m["name"]: m["dead_total"] for m in result["models"]},
+            "table": comparison_table(result)}
+
+
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
     from dropup.analysis.report import write_report
     from dropup.convert.upcycle import upcycle
@@ -194,8 +209,14 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
         if not all(math.isfinite(x) for x in v.values()):
             print(f"warning: non-finite validation loss for {name}: {v}")
     results["table"] = write_report(out, results, {n: out / f"moe-{n}" for n in MOE_RUNS}, out / "dense")
+    with clock.stage("routing analysis"):
+        results["routing"] = _routing(out, data, s)
+    results["stage_seconds"], results["total_seconds"] = clock.stages, clock.total
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print()
     print(results["table"])
-    print(f"\nwrote {out / 'report.md'} and {out / 'loss.png'} ({clock.total:.0f} s in all)")
+    print(f"\nrouting of the trained MoEs on {results['routing']['tokens']:,} validation tokens per domain "
+          f"({out / 'routing'}; README: Evaluate and analyse)")
+    print(results["routing"]["table"])
+    print(f"\nwrote {out / 'report.md'}, {out / 'loss.png'} and {out / 'routing'} ({clock.total:.0f} s in all)")
     return results

@@ -345,3 +345,11 @@ def test_analyze_usage_errors_are_one_line(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1, err
         assert all(n in err[0] for n in needles), err[0]
+
+
+def test_a_run_export_is_named_like_the_run_names_it(moes, tmp_path):
+    from dropup.analysis.specialisation import resolve_checkpoints
+
+    run = _fake_run(tmp_path / "myrun", {7: moes["mixtral"]})
+    found = resolve_checkpoints([str(run / "ckpt" / "step_7" / "model"), str(moes["qwen3_moe"])])
+    assert [m.name for m in found] == ["myrun/step_7", "qwen3_moe"]

@@ -37,5 +37,12 @@ def test_tiny_demo_runs_and_reports_finite_numbers(tmp_path):
     numbers = [float(cell) for line in table for cell in line.strip("| ").split(" | ")[1:]]
     assert len(numbers) == 5 * 4 and all(math.isfinite(x) for x in numbers)
     assert table[0] in r.stdout
+    # It ends with the routing analysis (Figure 5) of both trained MoEs, printed and in OUT/routing.
+    routing = json.loads((out / "routing" / "routing.json").read_text())
+    assert [m["name"] for m in routing["models"]] == ["moe-naive/step_20", "moe-drop-0.5/step_20"]
+    assert routing["domains"] == ["code", "prose", "c"]
+    assert (out / "routing" / "shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["routing"]["tokens"] == routing["tokens_per_domain"]
+    assert "| moe-naive/step_20 | 8, 2 |" in r.stdout
     # Rerunning into the same directory replaces the earlier demo.
     assert (out / ".dropup-demo").exists()

@@ -325,7 +325,11 @@ def resolve_checkpoints(paths: list[str]) -> list[_Model]:
             raise UserError(f"checkpoint {given} is not a directory; pass a Hugging Face MoE checkpoint "
                             "or a training run directory")
         if (p / "config.json").exists():
-            found.append(_Model(p.resolve().name or str(p), p, load_config(p)))
+            r = p.resolve()
+            # A run's export (RUN/ckpt/step_N/model) is named as the run names its checkpoints.
+            export = r.name == "model" and r.parent.parent.name == "ckpt" and r.parent.name.startswith("step_")
+            found.append(_Model(f"{r.parent.parent.parent.name}/{r.parent.name}" if export else r.name or str(p),
+                                p, load_config(p)))
             continue
         steps = [(s, c / "model") for s, c in checkpoints(p) if (c / "model" / "config.json").exists()]
         if not steps:
@@ -520,12 +524,10 @@ def comparison_rows(result: dict) -> list[dict]:
     return rows
 
 
-def report_markdown(result: dict) -> str:
+def comparison_table(result: dict) -> str:
+    """The models side by side (markdown): what report.md and the demo print."""
     rows = comparison_rows(result)
     lines = [
-        "# Routing analysis", "",
-        f"Domains: {', '.join(result['domains'])}; {result['tokens_per_domain']} tokens each "
-        f"({result['split']} split, windows of {result['seq_len']}).", "",
         "| model | E, k | mean JSD (nats) | dead experts | top-k concentration | entropy / ln E "
         "| max/mean | Jain | rank-1 repeat (baseline) | vocab specialisation |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -535,6 +537,16 @@ def report_markdown(result: dict) -> str:
                      f"| {_fmt(r['concentration'])} | {_fmt(r['entropy'])} | {_fmt(r['max_mean'], 2)} "
                      f"| {_fmt(r['jain'])} | {_fmt(r['rank1_same'])} ({_fmt(r['rank1_same_baseline'])}) "
                      f"| {_fmt(r['vocab'])} |")
+    return "\n".join(lines)
+
+
+def report_markdown(result: dict) -> str:
+    lines = [
+        "# Routing analysis", "",
+        f"Domains: {', '.join(result['domains'])}; {result['tokens_per_domain']} tokens each "
+        f"({result['split']} split, windows of {result['seq_len']}).", "",
+        comparison_table(result),
+    ]
     if result["saturation"]:
         lines += ["", "## Router saturation", "",
                   "Mean top-k overlap with the final checkpoint's routing on the same tokens (1 = final).", "",
