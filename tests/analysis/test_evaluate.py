@@ -231,3 +231,28 @@ def test_an_empty_run_directory_and_a_path_that_is_not_a_checkpoint(setup, capsy
 def test_a_seq_len_past_the_models_context(setup, capsys, tmp_path):
     _fails(capsys, tmp_path, [str(setup["dense"]), "--data", str(setup["prose"]), "--seq-len", "257"],
            "max_position_embeddings 256")
+
+
+def test_a_dataset_prepared_before_the_byte_table_still_gets_bits_per_byte(setup, tmp_path):
+    old = tmp_path / "prose"
+    shutil.copytree(setup["prose"], old)
+    (old / "token_bytes.npy").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["token_bytes"]
+    (old / "meta.json").write_text(json.dumps(meta))
+
+    def bpb(ds):
+        return evaluate(EvalOptions([str(setup["dense"])], [str(ds)], seq_len=16, **CPU)
+                        )["models"][0]["datasets"]["prose"]["bpb"]
+
+    assert bpb(old) == bpb(setup["prose"]) is not None
+
+
+def test_options_out_of_range_and_a_missing_gpu(setup, capsys, tmp_path, monkeypatch):
+    _fails(capsys, tmp_path, [str(setup["dense"]), "--data", str(setup["prose"]), "--batch-size", "0"],
+           "--batch-size must be >= 1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    cli_fails(capsys, ["eval", str(setup["dense"]), "--data", str(setup["prose"]), "--device", "cuda",
+                       "--out", str(out)], "no CUDA GPU")
+    assert not out.exists()
