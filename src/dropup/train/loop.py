@@ -253,10 +253,11 @@ class _Log:
 
 def _scalars(record: dict, prefix: str = ""):
     """(tag, number) for every finite number in a metrics record, nested keys and list indices
-    joined by "/" (val_loss/prose, router_entropy/0); the step is the x-axis, not a scalar."""
+    joined by "/" (val_loss/prose, router_entropy/0); the step is the x-axis, not a scalar, and a
+    resume's config_changes are settings, not measurements."""
     for key, value in record.items():
         tag = f"{prefix}{key}"
-        if key == "step" and not prefix:
+        if key in ("step", "config_changes") and not prefix:
             continue
         if isinstance(value, dict):
             yield from _scalars(value, tag + "/")
