@@ -248,6 +248,45 @@ def _run_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    from dropup.analysis.evaluate import EvalOptions
+
+    d = EvalOptions(checkpoints=[], datasets=[])
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of checkpoints on datasets",
+                       description="Score checkpoints (or every checkpoint of a training run) on prepared "
+                       "datasets: every token of the split once, in non-overlapping windows.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="Hugging Face checkpoint directories, or a training run directory (its checkpoints "
+                   "in step order: a curve)")
+    p.add_argument("--data", nargs="+", required=True, dest="datasets", metavar="DATASET",
+                   help="dataset directories written by `dropup data prepare`")
+    p.add_argument("--split", default=d.split, help="the split scored (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=d.tokens, metavar="N",
+                   help="read the first N tokens of each dataset's split (default: all of it)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="window length (default: the model's max_position_embeddings, at most 4096)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
+    p.add_argument("--device", default=d.device, choices=choices(EvalOptions, "device"),
+                   help="default: cuda when available")
+    p.add_argument("--dtype", default=d.dtype, choices=choices(EvalOptions, "dtype"),
+                   help="of the weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="score a dataset tokenised with another tokenizer than the checkpoint's")
+    p.add_argument("--json", action="store_true", help="print eval.json's contents instead of the table")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write eval.json there (and loss.png for a run's curve); DIR must be new or empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from dropup.analysis.evaluate import EvalOptions, evaluate, format_table, report_json
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "json", "quiet")}
+    report = evaluate(EvalOptions(**opts, progress=not a.quiet))
+    print(report_json(report) if a.json else format_table(report))
+    return 0
+
+
 def _routing_parser(asub) -> None:
     from dropup.analysis.specialisation import RoutingOptions
 
@@ -311,7 +350,7 @@ def _run_analyze(a: argparse.Namespace) -> int:
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
             "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
             "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate),
-            "analyze": (_analyze_parser, _run_analyze)}
+            "eval": (_eval_parser, _run_eval), "analyze": (_analyze_parser, _run_analyze)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from dropup.data.readers import DOC_SPLITS, InputFile, ReadOptions, Totals, discover, read_documents
-from dropup.data.tokens import TokenWriter, token_dtype
+from dropup.data.tokens import TOKEN_BYTES, TokenWriter, token_byte_lengths, token_dtype
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.digest import sha256_file
@@ -271,8 +271,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a batch, EOS after every document: (flat ids as uint32, lengths)."""
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids of a batch, EOS after every document: (flat ids as uint32, lengths, each
+    document's UTF-8 bytes: the denominator of bits per byte)."""
     ids = [e.ids for e in _worker_tok.encode_batch_fast(texts, add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
     flat = np.empty(int(lengths.sum()), dtype=np.uint32)
@@ -281,7 +282,9 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     body = np.ones(flat.size, dtype=bool)
     body[ends] = False
     flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=flat.size - len(ids))
-    return flat, lengths
+    text_bytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64,
+                             count=len(texts))
+    return flat, lengths, text_bytes
 
 
 def _worker_pool(workers: int, tok: LoadedTokenizer) -> ProcessPoolExecutor:
@@ -294,38 +297,66 @@ def _worker_pool(workers: int, tok: LoadedTokenizer) -> ProcessPoolExecutor:
                                initargs=(tok.backend.to_str(), tok.eos_id))
 
 
+class _ByteCounts:
+    """Per split: the documents' exact UTF-8 bytes, the token-bytes table's sum over their tokens,
+    and the documents on which the two differ (meta.json records all three)."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray) -> None:
+        if not lengths.size:
+            return
+        per_doc = np.add.reduceat(self.table[tokens.astype(np.int64)], np.cumsum(lengths) - lengths)
+        c = self.counts.setdefault(split, [0, 0, 0])
+        c[0] += int(text_bytes.sum())
+        c[1] += int(per_doc.sum())
+        c[2] += int((per_doc != text_bytes).sum())
+
+    def meta(self) -> dict[str, dict]:
+        return {split: {"bytes": b, "token_bytes": t, "token_bytes_mismatched_docs": m}
+                for split, (b, t, m) in self.counts.items()}
+
+
 def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputFile], opts: PrepareOptions,
-                   progress: _Progress) -> None:
+                   progress: _Progress, byte_counts: _ByteCounts) -> None:
     ropts = opts.read_options()
     docs_done, tokens_done = 0, 0
     # Each document's split is a seeded draw, so a small corpus can draw no validation document at
     # all (5% of 10 documents: 60% of the time) and training would then fail for want of a 'val'
     # split. Until a draw lands in val, the latest train document is held back; if none ever
     # does, it becomes the validation split. With any val draw the output is exactly the draws'.
-    held: list[np.ndarray] = []  # at most one document
+    held: list[tuple[np.ndarray, int]] = []  # at most one document: (tokens, UTF-8 bytes)
     val_seen = False
 
-    def write_train(tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add_doc(split: str, tokens: np.ndarray, text_bytes: int) -> None:
+        writer.add(tokens, split)
+        byte_counts.add(split, tokens, np.array([tokens.size]), np.array([text_bytes]))
+
+    def write_train(tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray) -> None:
         if held:
-            writer.add(held.pop(), "train")
+            add_doc("train", *held.pop())
         if lengths.size:
             writer.add_batch(tokens, lengths, "train")
+            byte_counts.add("train", tokens, lengths, text_bytes)
 
-    def write(n_docs: int, owners: list[InputFile], result: tuple[np.ndarray, np.ndarray]) -> None:
+    def write(n_docs: int, owners: list[InputFile], result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         nonlocal docs_done, tokens_done, val_seen
-        flat, lengths = result
+        flat, lengths, text_bytes = result
         is_val = _uniform(opts.seed, np.arange(docs_done, docs_done + n_docs)) < opts.val_fraction
         token_is_val = np.repeat(is_val, lengths)
-        train_tokens, train_lengths = flat[~token_is_val], lengths[~is_val]
+        train_tokens, train_lengths, train_bytes = flat[~token_is_val], lengths[~is_val], text_bytes[~is_val]
         val_seen = val_seen or bool(is_val.any())
         if val_seen or opts.val_fraction == 0:
-            write_train(train_tokens, train_lengths)
+            write_train(train_tokens, train_lengths, train_bytes)
         elif train_lengths.size:
             last = int(train_lengths[-1])
-            write_train(train_tokens[:train_tokens.size - last], train_lengths[:-1])
-            held.append(train_tokens[train_tokens.size - last:].copy())
+            write_train(train_tokens[:train_tokens.size - last], train_lengths[:-1], train_bytes[:-1])
+            held.append((train_tokens[train_tokens.size - last:].copy(), int(train_bytes[-1])))
         if is_val.any():
             writer.add_batch(flat[token_is_val], lengths[is_val], "val")
+            byte_counts.add("val", flat[token_is_val], lengths[is_val], text_bytes[is_val])
         for owner, n in zip(owners, lengths.tolist()):
             owner.tokens += n
         docs_done += n_docs
@@ -365,7 +396,7 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
             n, owners, fut = window.popleft()
             write(n, owners, fut.result())
         if held:
-            writer.add(held.pop(), "val" if docs_done > 1 else "train")
+            add_doc("val" if docs_done > 1 else "train", *held.pop())
     finally:
         if env_before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -426,8 +457,13 @@ def _prepare_into(tmp: Path, files: list[InputFile], duplicates: list[str], opts
         tok.hf.save_pretrained(str(tmp / "tokenizer"))
     dtype = token_dtype(tok.vocab_size).name if opts.dtype == "auto" else opts.dtype
     _check_dtype(tok.vocab_size, dtype)
+    table = token_byte_lengths(tok.hf)
+    np.save(tmp / TOKEN_BYTES, table.astype(np.int32))
+    byte_counts = _ByteCounts(table)
     with TokenWriter(tmp, tok.vocab_size, tok.eos_id, dtype=dtype) as writer:
-        _tokenize_into(writer, tok, files, opts, progress)
+        _tokenize_into(writer, tok, files, opts, progress, byte_counts)
+        writer.split_meta.update(byte_counts.meta())
+        writer.meta["token_bytes"] = TOKEN_BYTES
         totals = Totals.of(files)
         if totals.docs == 0:
             raise UserError(_empty_message(files))

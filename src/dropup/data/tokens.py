@@ -5,10 +5,20 @@ produces it from text)::
 
     DIR/meta.json              {"format": "dropup-tokens", "version": 1, "dtype": "uint16"|"uint32",
                                 "vocab_size": V, "eos_token_id": int|null,
-                                "splits": {"train": {"tokens": T, "docs": D, "max_token_id": M},
-                                           "val": {...}}, ...}
+                                "splits": {"train": {"tokens": T, "docs": D, "max_token_id": M,
+                                                     "bytes": B, "token_bytes": B', ...},
+                                           "val": {...}}, "token_bytes": "token_bytes.npy", ...}
     DIR/<split>.bin            all documents' tokens back to back, raw little-endian ``dtype``
     DIR/<split>.offsets.npy    int64 [D + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+    DIR/token_bytes.npy        int32 [V]: the UTF-8 bytes each token id stands for (``token_byte_lengths``)
+
+Bits per byte. ``token_bytes.npy`` gives the bytes of any token window, partial documents
+included, as the sum of its targets' entries, so BPB = sum NLL / (ln 2 * those bytes) needs no
+text. ``data prepare`` records per split the exact UTF-8 bytes of the documents' text
+(``bytes``), the table's sum over the same tokens (``token_bytes``) and how many documents the
+two disagree on (``token_bytes_mismatched_docs``: 0 for a byte-level BPE; a SentencePiece
+tokenizer that adds a prefix space counts that space). Datasets written before the table get it
+from their tokenizer when opened (``TokenFile.token_bytes``).
 
 Any further keys in meta.json (tokenizer, manifest of inputs, domain) are the writer's business
 and are kept as they are. ``max_token_id`` (the largest id in the split, null when empty) lets a
@@ -83,6 +93,7 @@ class TokenWriter:
         self._pending: dict[str, list[np.ndarray]] = {}
         self._count: dict[str, tuple[int, int]] = {}  # split -> (tokens, docs) so far
         self._max: dict[str, int | None] = {}  # split -> largest token id so far
+        self.split_meta: dict[str, dict] = {}  # split -> further keys of its meta.json entry
 
     def _open(self, split: str) -> None:
         if split not in SPLITS:
@@ -147,7 +158,8 @@ class TokenWriter:
             f.close()
             self._finish_offsets(split)
             tokens, docs = self._count[split]
-            splits[split] = {"tokens": tokens, "docs": docs, "max_token_id": self._max[split]}
+            splits[split] = {"tokens": tokens, "docs": docs, "max_token_id": self._max[split],
+                             **self.split_meta.get(split, {})}
         meta = {**self.meta, "format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id, "splits": splits}
         atomic_write_text(self.out / "meta.json", json.dumps(meta, indent=1) + "\n")
@@ -242,12 +254,95 @@ class TokenFile:
             raise UserError(f"{self.bin_path} holds token id {top}, but {whose} vocabulary has {vocab_size} "
                             f"tokens (ids 0 to {vocab_size - 1}); tokenise the data with the model's tokenizer")
 
+    def token_bytes(self) -> np.ndarray | None:
+        """The dataset's per-token-id UTF-8 byte lengths (int64 [V]): ``token_bytes.npy``, or for a
+        dataset written before it, built from the tokenizer meta.json names; None when the dataset
+        has neither (written by ``TokenWriter`` without a tokenizer): no bits per byte then."""
+        if not hasattr(self, "_token_bytes"):
+            self._token_bytes = dataset_token_bytes(self.path, self.meta)
+        return self._token_bytes
+
     def num_sequences(self, seq_len: int) -> int:
         return max(0, (len(self.tokens) - 1) // seq_len)
 
     def sequence(self, i: int, seq_len: int) -> np.ndarray:
         """Packed window i: seq_len + 1 tokens starting at i * seq_len."""
         return np.asarray(self.tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64)
+
+
+TOKEN_BYTES = "token_bytes.npy"
+
+
+def dataset_token_bytes(path: str | os.PathLike, meta: dict) -> np.ndarray | None:
+    """See ``TokenFile.token_bytes``."""
+    path = Path(path)
+    table_path = path / meta.get("token_bytes", TOKEN_BYTES)
+    if table_path.is_file():
+        table = np.load(table_path).astype(np.int64)
+        if table.ndim != 1 or len(table) < meta["vocab_size"] or (table < 0).any():
+            raise UserError(f"{table_path} holds {table.dtype}{list(table.shape)}, not the non-negative "
+                            f"byte length of each of the {meta['vocab_size']} token ids; re-create the "
+                            "dataset with `dropup data prepare`")
+        return table
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
+        return None
+    tdir = path / tok["path"]
+    if not (tdir / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    table = token_byte_lengths(AutoTokenizer.from_pretrained(str(tdir), local_files_only=True))
+    if len(table) < meta["vocab_size"]:  # ids the tokenizer does not name stand for no text
+        table = np.concatenate([table, np.zeros(meta["vocab_size"] - len(table), dtype=np.int64)])
+    return table
+
+
+def _byte_level_decoder(hf_tokenizer) -> bool:
+    """Whether the tokenizer decodes through ByteLevel (GPT-2 style: each character of a token
+    stands for one byte), read from its tokenizer.json."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+
+    def has(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
+        if isinstance(node, list):
+            return any(has(v) for v in node)
+        return False
+
+    return has(json.loads(backend.to_str()).get("decoder"))
+
+
+def token_byte_lengths(hf_tokenizer) -> np.ndarray:
+    """int64 [len(tokenizer)]: the UTF-8 bytes of the text each token id decodes to.
+
+    Byte-level BPE tokens are fixed byte strings (one byte per character of the token, through
+    GPT-2's byte-to-character map); SentencePiece pieces count "▁" as the space it decodes to
+    and a ``<0xNN>`` byte-fallback piece as one byte; special tokens (EOS, padding, chat markers)
+    stand for no text and count 0; other added tokens count their content's UTF-8 bytes. The
+    bytes of a span are then the sum over its tokens, whatever the span's boundaries."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    byte_chars = set(ByteLevel.alphabet())  # the 256 characters that stand for one byte each
+    byte_level = _byte_level_decoder(hf_tokenizer)
+    added = {i: t for i, t in hf_tokenizer.added_tokens_decoder.items()}
+    special = set(hf_tokenizer.all_special_ids)
+    n = len(hf_tokenizer)
+    out = np.zeros(n, dtype=np.int64)
+    for i, piece in enumerate(hf_tokenizer.convert_ids_to_tokens(list(range(n)))):
+        if piece is None or i in special or (i in added and added[i].special):
+            continue
+        if i in added:
+            out[i] = len(added[i].content.encode("utf-8"))
+        elif byte_level:
+            out[i] = sum(1 if c in byte_chars else len(c.encode("utf-8")) for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out[i] = 1
+        else:
+            out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -112,12 +112,20 @@ class LossSection:
 
 
 @dataclass
+class LogSection:
+    # metrics.jsonl's scalars also as TensorBoard events in out_dir/tensorboard (rank 0); needs
+    # the tensorboard package (pip install 'dropup[tensorboard]')
+    tensorboard: bool = setting(False, resume="ignored")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
+    log: LogSection = field(default_factory=LogSection)
     steps: int | None = setting(None, ge=1, resume="schedule")  # optimizer steps; or
     tokens: int | None = setting(None, ge=1, resume="schedule")  # a token budget (rounded down to whole steps)
     out_dir: str = setting("runs/train", resume="ignored")
@@ -158,6 +166,13 @@ class TrainConfig:
             raise UserError(f"config: dataset names must be distinct, got {names}")
         if (self.steps is None) == (self.tokens is None):
             raise UserError("config: set exactly one of steps or tokens")
+        if self.log.tensorboard:
+            import importlib.util
+
+            # Checked here, on every rank, so that no rank starts training while rank 0 stops.
+            if importlib.util.find_spec("tensorboard") is None:
+                raise UserError("config: log.tensorboard is true but the tensorboard package is not installed; "
+                                "pip install 'dropup[tensorboard]' (or tensorboard), or set log.tensorboard: false")
         b = self.batch
         if b.global_batch % b.micro_batch:
             raise UserError(f"config: batch.global_batch ({b.global_batch}) must be a positive multiple of "

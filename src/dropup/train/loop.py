@@ -8,7 +8,8 @@ batch, next-token loss plus the load-balancing loss (coefficient 0.02) for MoE m
 Several processes (``torchrun --nproc-per-node N -m dropup train ...``) shard the model with
 FSDP2; micro-batch j of a step goes to rank j % N, so any number of processes computes the same
 global batch. A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` and
-``ckpt/step_N/`` (see ``dropup.train.checkpoints``).
+``ckpt/step_N/`` (see ``dropup.train.checkpoints``); with ``log.tensorboard`` also ``tensorboard/``,
+the same scalars as metrics.jsonl for TensorBoard.
 
 Reading order: ``setup`` builds a ``Run`` (data, model, ``RunPlan``, optimizer, resumed state);
 ``train_step`` is one optimizer step; ``evaluate`` the validation pass; ``_train`` the outer
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dropup.analysis.evaluate import bits_per_byte, target_bytes, window_nll
 from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
 from dropup.errors import UserError
@@ -146,6 +148,18 @@ def open_validation(cfg: TrainConfig, seq_len: int, micro_batch: int) -> dict[st
     return val_sets
 
 
+def validation_token_bytes(cfg: TrainConfig, names) -> dict[str, torch.Tensor]:
+    """Each validation dataset's per-token-id byte table (``TokenFile.token_bytes``), for bits per
+    byte; a dataset without one (no tokenizer recorded) is left out."""
+    tables = {}
+    for spec in cfg.data.datasets:
+        if spec.name in names:
+            table = TokenFile(spec.path, "val").token_bytes()
+            if table is not None:
+                tables[spec.name] = torch.from_numpy(table)
+    return tables
+
+
 def make_model(cfg: TrainConfig, data_vocab: int, init: str | None = None) -> CausalLM:
     """The model to train: ``init`` (``model.init``, or its dequantised copy when that is a GGUF
     file) loaded, else the preset drawn from the seed."""
@@ -183,11 +197,19 @@ def shard(model: CausalLM, d: Dist, bf16: bool) -> torch.nn.Module:
 
 
 class _Log:
-    """metrics.jsonl (rank 0) plus a progress bar on a terminal or a plain line per log step."""
+    """metrics.jsonl (rank 0) plus a progress bar on a terminal or a plain line per log step, and
+    with ``tensorboard`` the same scalars as TensorBoard events in ``tensorboard_dir``."""
 
-    def __init__(self, path: Path, total: int, start: int, enabled: bool, bar: bool):
+    def __init__(self, path: Path, total: int, start: int, enabled: bool, bar: bool,
+                 tensorboard_dir: Path | None = None):
         self.path, self.enabled = path, enabled
         self.progress = None
+        self.tb = None
+        if enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run drops the events after its checkpoint's step, as metrics.jsonl its records.
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=start + 1 if start else None)
         if enabled and bar and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -202,6 +224,10 @@ class _Log:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(_json_safe(record)) + "\n")
+        if self.tb is not None:
+            for tag, value in _scalars(record):
+                self.tb.add_scalar(tag, value, record["step"])
+            self.tb.flush()
         info = f"loss {record['loss']:.4f}" if record.get("loss") is not None else "loss nan"
         if record.get("tokens_per_s"):
             info += f"  {record['tokens_per_s']:,.0f} tok/s"
@@ -221,6 +247,24 @@ class _Log:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalars(record: dict, prefix: str = ""):
+    """(tag, number) for every finite number in a metrics record, nested keys and list indices
+    joined by "/" (val_loss/prose, router_entropy/0); the step is the x-axis, not a scalar, and a
+    resume's config_changes are settings, not measurements."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if key in ("step", "config_changes") and not prefix:
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, tag + "/")
+        elif isinstance(value, list):
+            yield from _scalars({str(i): v for i, v in enumerate(value)}, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield tag, value
 
 
 def _json_safe(x):
@@ -292,6 +336,7 @@ class Run:
     mixture: Mixture
     val_sets: dict[str, list[torch.Tensor]]
     run_dir: Path
+    val_token_bytes: dict[str, torch.Tensor] = field(default_factory=dict)  # for val_bpb
     step: int = 0
     bad_in_row: int = 0
     samples: int = 0
@@ -349,7 +394,8 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> R
     else:
         model.to(d.device)
     optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
-    run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir)
+    run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir,
+              val_token_bytes=validation_token_bytes(cfg, val_sets))
 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
@@ -461,31 +507,44 @@ def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
     return StepResult(loss_v, lm_v, aux_v, z_v, norm_v, finite)
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Mean next-token loss on each dataset's validation batches, over all ranks."""
+def evaluate(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean next-token loss on each dataset's validation batches (the mean of the batches' means),
+    and bits per byte (summed NLL over summed bytes, as ``dropup eval`` computes it: the same
+    functions) for the datasets with a byte table, over all ranks."""
     model, d = run.model, run.d
     model.eval()
-    out = {}
+    losses, bpbs = {}, {}
     with torch.no_grad(), run.autocast():
         for name, batches in run.val_sets.items():
+            table = run.val_token_bytes.get(name)
             # Every rank runs the same number of forwards (FSDP all-gathers are collective);
             # a rank without a batch of its own repeats one and gives it weight 0.
             acc = torch.zeros(2, device=d.device)
+            nll_bytes = torch.zeros(2, dtype=torch.float64, device=d.device)
             for i in range(math.ceil(len(batches) / d.world) * d.world)[d.rank :: d.world]:
-                batch = batches[min(i, len(batches) - 1)].to(d.device)
-                loss = model(batch[:, :-1], targets=batch[:, 1:])
+                batch = batches[min(i, len(batches) - 1)]
+                loss, nll = window_nll(model, batch.to(d.device))
                 if i < len(batches):
-                    acc += torch.stack([loss.float(), torch.ones((), device=d.device)])
+                    acc += torch.stack([loss, torch.ones((), device=d.device)])
+                    if table is not None:
+                        nll_bytes += torch.stack([nll.double(), torch.tensor(
+                            float(target_bytes(table, batch)), dtype=torch.float64, device=d.device)])
             acc = d.all_reduce_sum(acc)
-            out[name] = (acc[0] / acc[1]).item()
+            losses[name] = (acc[0] / acc[1]).item()
+            if table is not None:
+                nll_sum, n_bytes = d.all_reduce_sum(nll_bytes).tolist()
+                bpb = bits_per_byte(nll_sum, int(n_bytes))
+                if bpb is not None:
+                    bpbs[name] = bpb
     model.train()
-    return out
+    return losses, bpbs
 
 
 def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> Path:
     run = setup(cfg, resume, d, init)
     plan = run.plan
-    log = _Log(run.run_dir / "metrics.jsonl", plan.total_steps, run.step, enabled=d.rank == 0, bar=cfg.progress)
+    log = _Log(run.run_dir / "metrics.jsonl", plan.total_steps, run.step, enabled=d.rank == 0, bar=cfg.progress,
+               tensorboard_dir=run.run_dir / "tensorboard" if cfg.log.tensorboard else None)
     export_dtype = getattr(torch, cfg.export_dtype)
     run.model.train()
     window_time, window_steps = 0.0, 0
@@ -520,7 +579,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> 
                 if stats is not None:
                     record.update(stats.reduce() or {})
                 if eval_now:
-                    record["val_loss"] = evaluate(run)
+                    record["val_loss"], bpb = evaluate(run)
+                    if bpb:
+                        record["val_bpb"] = bpb
                 if run.unlogged_changes:
                     record["config_changes"], run.unlogged_changes = run.unlogged_changes, None
                 log.write(record)
