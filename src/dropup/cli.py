@@ -255,10 +255,10 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of checkpoints on datasets",
                        description="Score checkpoints (or every checkpoint of a training run) on prepared "
                        "datasets: every token of the split once, in non-overlapping windows.")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT",
                    help="Hugging Face checkpoint directories, or a training run directory (its checkpoints "
                    "in step order: a curve)")
-    p.add_argument("--data", nargs="+", required=True, dest="datasets", metavar="DATASET",
+    p.add_argument("--data", nargs="+", default=[], dest="datasets", metavar="DATASET",
                    help="dataset directories written by `dropup data prepare`")
     p.add_argument("--split", default=d.split, help="the split scored (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=d.tokens, metavar="N",
@@ -276,14 +276,63 @@ def _eval_parser(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write eval.json there (and loss.png for a run's curve); DIR must be new or empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    h = p.add_argument_group("lm-evaluation-harness (the optional extra dropup[eval])")
+    h.add_argument("--lm-eval", metavar="TASKS", default=None,
+                   help="run these lm-eval tasks (comma-separated names, groups or globs) on each CKPT "
+                   "instead of dropup's own scoring, and print lm-eval's table")
+    h.add_argument("--lm-eval-include", metavar="DIR", default=None,
+                   help="a directory of extra task YAMLs (e.g. one --write-lm-eval-tasks wrote)")
+    h.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents per task")
+    h.add_argument("--write-lm-eval-tasks", metavar="DIR", default=None,
+                   help="write a task per --data dataset into DIR (its split's documents as local JSON lines: "
+                   "rolling log-likelihood, bits per byte), for `lm_eval --include_path DIR`")
+
+
+_LM_EVAL_KEYS = ("lm_eval", "lm_eval_include", "lm_eval_limit", "write_lm_eval_tasks")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
     from dropup.analysis.evaluate import EvalOptions, evaluate, format_table, report_json
 
-    opts = {k: v for k, v in vars(a).items() if k not in ("command", "json", "quiet")}
+    if a.write_lm_eval_tasks or a.lm_eval:
+        return _run_lm_eval(a)
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "json", "quiet", *_LM_EVAL_KEYS)}
     report = evaluate(EvalOptions(**opts, progress=not a.quiet))
     print(report_json(report) if a.json else format_table(report))
+    return 0
+
+
+def _run_lm_eval(a: argparse.Namespace) -> int:
+    from dropup.analysis import harness
+    from dropup.hub.atomic import atomic_dir, atomic_write_text
+    from dropup.model.io import runtime
+
+    if not a.lm_eval and a.checkpoints:
+        raise UserError("--write-lm-eval-tasks writes task files only; to also score CKPT on them, add "
+                        "--lm-eval dropup")
+    if a.lm_eval and not a.checkpoints:
+        raise UserError("--lm-eval needs a checkpoint to run on: dropup eval CKPT --lm-eval TASKS")
+    if a.write_lm_eval_tasks:
+        tasks = harness.write_tasks(a.write_lm_eval_tasks, a.datasets, split=a.split)
+        if not a.quiet:
+            print(f"wrote {len(tasks)} lm-eval tasks into {a.write_lm_eval_tasks}: {', '.join(tasks)} "
+                  f"(group dropup); run them with --lm-eval dropup --lm-eval-include {a.write_lm_eval_tasks}")
+    if not a.lm_eval:
+        return 0
+    include = a.lm_eval_include or a.write_lm_eval_tasks
+    device, dtype = runtime(a.device, a.dtype)
+    runs = {}
+    for ckpt in a.checkpoints:
+        results = harness.run_lm_eval(ckpt, a.lm_eval, include_path=include, device=device.type,
+                                      dtype=str(dtype).removeprefix("torch."),
+                                      batch_size=a.batch_size, limit=a.lm_eval_limit)
+        runs[ckpt] = results
+        print(f"{ckpt}:\n{harness.format_table(results)}")
+    if a.out:
+        with atomic_dir(a.out, label="--out", advice="choose a new directory or remove it") as tmp:
+            for i, (ckpt, results) in enumerate(runs.items()):
+                atomic_write_text(tmp / (f"lm_eval_{i}.json" if len(runs) > 1 else "lm_eval.json"),
+                                  harness.to_json({"checkpoint": ckpt, **results}))
     return 0
 
 

@@ -19,6 +19,11 @@ from typing import Any
 
 from dropup.errors import UserError
 
+# Where and in what precision the analysis commands (eval, analyze) run a model; ``runtime`` in
+# dropup.model.io turns a pair into torch objects.
+Device = typing.Literal["auto", "cpu", "cuda"]  # auto: CUDA when available
+Precision = typing.Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on CUDA, float32 on the CPU
+
 
 def literal_args(tp) -> tuple | None:
     """The allowed values of a ``Literal[...]`` type (also inside ``X | None``), else None."""

@@ -33,7 +33,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -42,8 +41,8 @@ from dropup.data.tokens import TokenFile, read_meta
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir, atomic_write_text
 from dropup.hub.card import check_tokenizers
-from dropup.model.io import load_config, load_model
-from dropup.options import check_choices, check_ranges, ranged
+from dropup.model.io import load_config, load_model, runtime
+from dropup.options import Device, Precision, check_choices, check_ranges, ranged
 
 FORMAT = "dropup-eval"
 VERSION = 1
@@ -58,8 +57,8 @@ class EvalOptions:
     tokens: int | None = ranged(None, ge=2, integer=True, hint="tokens read per dataset; 2 score one")
     seq_len: int | None = ranged(None, ge=1, integer=True)  # None: max_position_embeddings, at most 4096
     batch_size: int = ranged(8, ge=1, integer=True)  # windows per forward pass
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    device: Device = "auto"
+    dtype: Precision = "auto"
     allow_tokenizer_mismatch: bool = False
     out: str | None = None  # eval.json (and loss.png for a run directory's curve)
     progress: bool = True
@@ -208,15 +207,6 @@ def _check_pair(ckpt: Checkpoint, vocab: int, file: TokenFile, opts: EvalOptions
                         f"prepare it with --tokenizer {ckpt.path}, or pass --allow-tokenizer-mismatch") from None
 
 
-def _device(opts: EvalOptions) -> tuple[torch.device, torch.dtype]:
-    cuda = torch.cuda.is_available()
-    if opts.device == "cuda" and not cuda:
-        raise UserError("--device cuda: no CUDA GPU is available; use --device cpu")
-    device = torch.device("cuda" if opts.device == "cuda" or (opts.device == "auto" and cuda) else "cpu")
-    name = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return device, getattr(torch, name)
-
-
 def _seq_len(opts: EvalOptions, ckpt: Checkpoint, max_positions: int) -> int:
     if opts.seq_len is None:
         return min(max_positions, MAX_DEFAULT_SEQ_LEN)
@@ -252,7 +242,7 @@ def evaluate(opts: EvalOptions) -> dict:
             want = f"--tokens {opts.tokens}" if opts.tokens is not None else "2 (one scored token)"
             raise UserError(f"dataset {f.path}'s {opts.split} split has {len(f)} tokens, fewer than {want}")
         n_tokens[name] = n
-    device, dtype = _device(opts)
+    device, dtype = runtime(opts.device, opts.dtype)
     plan = []
     for c in ckpts:
         cfg = load_config(c.path)

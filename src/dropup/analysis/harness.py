@@ -44,7 +44,7 @@ import yaml
 from dropup.data.tokens import TokenFile
 from dropup.errors import UserError
 from dropup.hub.atomic import Existing, atomic_dir
-from dropup.options import check_choices, check_ranges, ranged
+from dropup.options import Precision, check_choices, check_ranges, ranged
 
 INSTALL = "pip install 'dropup[eval]'"
 TASK_PREFIX = "dropup_"
@@ -210,13 +210,10 @@ def write_tasks(out_dir: str | os.PathLike, datasets: list[str | os.PathLike], s
 # ---- running lm-eval -----------------------------------------------------------------------------
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
 @dataclass
 class LmEvalOptions:
     device: str = "cpu"
-    dtype: Dtype = "float32"
+    dtype: Precision = "float32"
     batch_size: int = ranged(8, ge=1, integer=True)
     limit: int | None = ranged(None, ge=1, integer=True, hint="documents per task")
 

@@ -68,7 +68,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
-from dropup.options import check_choices, check_ranges, ranged
+from dropup.options import Device, Precision, check_choices, check_ranges, ranged
 
 FORMAT, VERSION = "dropup-routing", 1
 DEAD_THRESHOLD = 0.01
@@ -96,8 +95,8 @@ class RoutingOptions:
     split: str = "val"
     seq_len: int | None = ranged(None, ge=2, integer=True)  # None: 1024 or the models' max positions
     batch_size: int = ranged(8, ge=1, integer=True)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: Device = "auto"
+    dtype: Precision = "auto"
     layers: list[int] | None = None  # the figures' rows; None: up to 4 spread over depth
     allow_tokenizer_mismatch: bool = False
     overwrite: bool = False
@@ -416,15 +415,6 @@ def _vocab_layers(m: _Model, figure: list[int]) -> list[int]:
     return figure
 
 
-def _device_dtype(opts: RoutingOptions) -> tuple[torch.device, torch.dtype]:
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    dev = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
-                       (opts.device if opts.device != "auto" else "cpu"))
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(opts.dtype)
-    return dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-
-
 # ---- the analysis ------------------------------------------------------------------------------
 
 def _route_all(opts: RoutingOptions, models: list[_Model], samples: list[np.ndarray], seq_len: int,
@@ -481,7 +471,9 @@ def analyze_routing(opts: RoutingOptions) -> dict:
     domains, samples = read_samples(opts, models)
     seq_len = _seq_len(opts, models)
     figure = {m.name: _figure_layers(opts, m) for m in models}
-    device, dtype = _device_dtype(opts)
+    from dropup.model.io import runtime
+
+    device, dtype = runtime(opts.device, opts.dtype)
     protect = [("CKPT", m.path) for m in models] + [("DATASET", d) for d in opts.data]
     t0 = time.perf_counter()
     with atomic_dir(opts.out, existing="replace" if opts.overwrite else "refuse", label="--out",

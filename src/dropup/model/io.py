@@ -96,6 +96,16 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(read_json_object(p, "a Hugging Face model config"), where=str(p))
 
 
+def runtime(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The torch device and weight dtype for ``dropup.options.Device`` / ``Precision`` choices."""
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA GPU is available; use --device cpu")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
+    name = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    return dev, getattr(torch, name)
+
+
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
