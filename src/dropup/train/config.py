@@ -119,6 +119,15 @@ class LogSection:
 
 
 @dataclass
+class AnalysisSection:
+    # At every saved checkpoint of an MoE run (rank 0): `dropup analyze routing` of its export on
+    # the datasets' val splits, into out_dir/analysis/step_N/routing, and one summary line per
+    # checkpoint (JSD, dead experts) in out_dir/analysis/routing.jsonl: curves over training.
+    routing: bool = setting(False, resume="ignored")
+    tokens: int = setting(20_000, ge=2, resume="ignored")  # per dataset (at most its val split)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -126,6 +135,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
     log: LogSection = field(default_factory=LogSection)
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
     steps: int | None = setting(None, ge=1, resume="schedule")  # optimizer steps; or
     tokens: int | None = setting(None, ge=1, resume="schedule")  # a token budget (rounded down to whole steps)
     out_dir: str = setting("runs/train", resume="ignored")

@@ -36,7 +36,7 @@ import yaml
 
 from dropup.analysis.evaluate import bits_per_byte, target_bytes, window_nll
 from dropup.analysis.routing import RouterStats
-from dropup.data.tokens import Mixture, Source, TokenFile, validation_batches
+from dropup.data.tokens import Mixture, Source, TokenFile, read_meta, validation_batches
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text, exclusive_lock
 from dropup.hub.card import check_tokenizers
@@ -540,6 +540,32 @@ def evaluate(run: Run) -> tuple[dict[str, float], dict[str, float]]:
     return losses, bpbs
 
 
+def analyse_checkpoint(run: Run, export: Path) -> dict | None:
+    """``analysis.routing``: the routing analysis of the export just saved, on the same number
+    of val tokens of every dataset that has a val split; its summary is appended to
+    analysis/routing.jsonl (lines of later steps, left by a run resumed from an earlier
+    checkpoint, are dropped first)."""
+    from dropup.analysis.specialisation import RoutingOptions, analyze_routing
+
+    data = [d.path for d in run.cfg.data.datasets if "val" in read_meta(d.path)["splits"]]
+    if not data:
+        return None
+    tokens = min(run.cfg.analysis.tokens, *(len(TokenFile(p, "val")) for p in data))
+    root = run.run_dir / "analysis"
+    result = analyze_routing(RoutingOptions([str(export)], data, str(root / f"step_{run.step}" / "routing"),
+                                            tokens=tokens, seq_len=run.plan.seq_len, device=run.d.device.type,
+                                            overwrite=True))
+    m = result["models"][0]
+    summary = {"step": run.step, "tokens": run.tokens, "tokens_per_domain": tokens, "domains": result["domains"],
+               "mean_jsd": m["mean_jsd"], "jsd": m["jsd"], "dead_total": m["dead_total"],
+               "dead_count": m["dead_count"]}
+    log = root / "routing.jsonl"
+    lines = [line for line in (log.read_text().splitlines() if log.exists() else [])
+             if line.strip() and json.loads(line).get("step", 0) < run.step]
+    atomic_write_text(log, "".join(f"{line}\n" for line in lines + [json.dumps(summary)]))
+    return summary
+
+
 def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> Path:
     run = setup(cfg, resume, d, init)
     plan = run.plan
@@ -592,8 +618,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> 
                 raise UserError(f"stopped at step {run.step}: {run.bad_in_row} steps in a row had a non-finite "
                                 f"loss or gradient norm; {where}. Lower optim.lr or check the data")
             if (cfg.save_interval and run.step % cfg.save_interval == 0) or run.step == plan.total_steps:
-                save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.trainer_state(), export_dtype,
-                                cfg.keep_last)
+                saved = save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.trainer_state(),
+                                        export_dtype, cfg.keep_last)
+                if cfg.analysis.routing and run.mcfg.is_moe:
+                    on_rank0(d, lambda: analyse_checkpoint(run, saved / "model"))
     finally:
         log.close()
     return run.run_dir
