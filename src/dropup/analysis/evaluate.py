@@ -42,6 +42,7 @@ from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir, atomic_write_text
 from dropup.hub.card import check_tokenizers
 from dropup.model.io import load_config, load_model, runtime
+from dropup.model.lm_loss import bits_per_byte, target_bytes, window_nll
 from dropup.options import Device, Precision, check_choices, check_ranges, ranged
 
 FORMAT = "dropup-eval"
@@ -70,30 +71,6 @@ class EvalOptions:
             raise UserError("no checkpoint given")
         if not self.datasets:
             raise UserError("no dataset given (--data DATASET ...)")
-
-
-# ---- scoring: the one home of the numbers (training's validation uses it too) -----------------
-
-
-def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, sum) of the next-token NLL of ``batch`` [b, seq + 1] (fp32 tensors; every target
-    scored), the LM head chunked so the batch's full-vocabulary logits never exist at once."""
-    mean = model(batch[:, :-1], targets=batch[:, 1:]).float()
-    return mean, mean * batch[:, 1:].numel()
-
-
-def target_bytes(table: torch.Tensor | np.ndarray | None, batch: torch.Tensor) -> int | None:
-    """UTF-8 bytes of ``batch``'s targets (all but each window's first token); None without a table."""
-    if table is None:
-        return None
-    table = torch.as_tensor(table)
-    return int(table[batch[:, 1:].to(table.device)].sum())
-
-
-def bits_per_byte(nll_sum: float, n_bytes: int | None) -> float | None:
-    if not n_bytes:
-        return None
-    return nll_sum / (math.log(2) * n_bytes)
 
 
 @dataclass

@@ -3,6 +3,9 @@ states chunk by chunk so the [tokens, vocab] logits never exist at once."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +95,27 @@ def lm_head_cross_entropy(
     with torch.autocast(hidden.device.type, enabled=False):
         return _LMHeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                          targets.reshape(-1), chunk, ignore_index, dtype)
+
+
+# Scoring held-out text: `dropup eval` and training's validation share these, so their numbers agree.
+
+
+def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sum) of the next-token NLL of ``batch`` [b, seq + 1] (fp32 tensors; every target
+    scored), the LM head chunked so the batch's full-vocabulary logits never exist at once."""
+    mean = model(batch[:, :-1], targets=batch[:, 1:]).float()
+    return mean, mean * batch[:, 1:].numel()
+
+
+def target_bytes(table: torch.Tensor | np.ndarray | None, batch: torch.Tensor) -> int | None:
+    """UTF-8 bytes of ``batch``'s targets (all but each window's first token); None without a table."""
+    if table is None:
+        return None
+    table = torch.as_tensor(table)
+    return int(table[batch[:, 1:].to(table.device)].sum())
+
+
+def bits_per_byte(nll_sum: float, n_bytes: int | None) -> float | None:
+    if not n_bytes:
+        return None
+    return nll_sum / (math.log(2) * n_bytes)

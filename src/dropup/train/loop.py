@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dropup.analysis.evaluate import bits_per_byte, target_bytes, window_nll
 from dropup.analysis.routing import RouterStats
 from dropup.data.tokens import Mixture, Source, TokenFile, read_meta, validation_batches
 from dropup.errors import UserError
@@ -44,6 +43,7 @@ from dropup.hub.config import ModelConfig
 from dropup.hub.gguf import dense_source
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model
 from dropup.model.io import load_model
+from dropup.model.lm_loss import bits_per_byte, target_bytes, window_nll
 from dropup.train.checkpoints import checkpoints, find_resumable, load_checkpoint, save_checkpoint
 from dropup.train.config import PRESETS, Change, TrainConfig, resume_changes
 from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
