@@ -26,12 +26,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from convert_bench import append_results, machine, source_revision, versions  # noqa: E402
+from convert_bench import append_results, loadavg, machine, source_revision, versions  # noqa: E402
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 CASES = [("naive", "bfloat16"), ("drop", "bfloat16"), ("naive", "float32"), ("drop", "float32")]
-REF_LAYERS = 3
+REF_LAYERS = 2
 
 _REFERENCE = """
 import sys, time, torch
@@ -83,18 +83,20 @@ def main() -> int:
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = ["method", "dtype", "--no-similarity s", "inspect s", f"pairwise reference s ({REF_LAYERS} layers x10)",
+    head = ["method", "dtype", "--no-similarity s", "inspect s", f"pairwise reference s ({REF_LAYERS} layers, scaled to 30)",
             "similarity pass vs reference"]
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     table = "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
     print(table)
     m, ver = machine(), versions()
+    load = loadavg()
+    print(f"load average at the end: {load}")
     append_results(
         f"## inspect_bench.py, {_dt.datetime.now().isoformat(timespec='seconds')}\n\n"
         f"`dropup inspect` on a random llama of SmolLM2-135M's shape upcycled to 8 experts "
         f"({json.dumps(SHAPE)}); wall time of the whole process. Machine: {m['cpu']}, {m['cores']} "
-        f"cores, {m['ram']}; {', '.join(f'{k} {v}' for k, v in ver.items())}; dropup {source_revision()}.\n"
+        f"cores, {m['ram']}, load average at the end {load} (other jobs shared the machine); {', '.join(f'{k} {v}' for k, v in ver.items())}; dropup {source_revision()}.\n"
         f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n\n{table}\n")
     return 0
 

@@ -100,7 +100,6 @@ def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts:
     n = len(mats["gate"])
     d_f, hidden = mats["gate"][0].shape
     weights = _fingerprint_weights(hidden)
-    int_dtype = _int_dtype(dtype)
     block = max(1, min(d_f, SIMILARITY_BUDGET // (n * hidden)))
     flat = torch.empty(n, block * hidden, dtype=torch.float32)
     bits = torch.empty(block * hidden, dtype=torch.int64)
@@ -113,9 +112,12 @@ def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts:
         for m in surgery.FFN_MATRICES:
             for e, t in enumerate(mats[m]):
                 part = t[:, start:stop] if m == "down" else t[start:stop]
-                flat[e, :size].view(part.shape).copy_(part)
+                f32 = flat[e, :size].view(part.shape)
+                f32.copy_(part)
                 b = bits[:size].view(part.shape)
-                b.copy_(part.view(int_dtype))
+                # bf16 and fp16 widen to fp32 exactly and one-to-one, so the float32 copy's bits
+                # identify a neuron as well as the originals and save a second slow conversion.
+                b.copy_(part.view(torch.int64) if dtype.itemsize == 8 else f32.view(torch.int32))
                 # down's neurons are columns: weight by row, sum over rows
                 prints[e] += (b.mul_(weights[m][:, None]) if m == "down" else b.mul_(weights[m])).sum(
                     0 if m == "down" else 1)
