@@ -61,6 +61,7 @@ SKIPS = (1, 2)
 class ExpertsOptions:
     dense: str | None = None  # the dense source, for identical_to_dense
     data: list[str] = field(default_factory=list)  # datasets (one domain each) for CKA and redundancy
+    # per dataset for the redundancy test; the output CKA takes the first `tokens` of them all
     tokens: int = ranged(2048, ge=2, integer=True, hint="tokens of each dataset's val split")
     seq_len: int = ranged(256, ge=1, integer=True)
     plot_layers: int = ranged(4, ge=0, integer=True, hint="0 draws no heatmaps")
@@ -195,11 +196,16 @@ def _moe_inputs(model, batch: torch.Tensor) -> dict[int, torch.Tensor]:
     return seen
 
 
-def output_cka(model, batch: torch.Tensor) -> dict[int, torch.Tensor]:
-    """[E, E] linear CKA between the experts' outputs on the same tokens, per MoE layer."""
+def output_cka(model, batches: list[torch.Tensor], tokens: int) -> dict[int, torch.Tensor]:
+    """[E, E] linear CKA between the experts' outputs on the same tokens, per MoE layer: the
+    hidden states entering the layer for the first ``tokens`` input tokens of ``batches``."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    for b in batches:
+        for i, x in _moe_inputs(model, b).items():
+            seen.setdefault(i, []).append(x)
     out = {}
-    for i, x in _moe_inputs(model, batch).items():
-        ys = expert_outputs(model.model.layers[i].mlp, x)
+    for i, xs in seen.items():
+        ys = expert_outputs(model.model.layers[i].mlp, torch.cat(xs)[:tokens])
         e = len(ys)
         m = torch.eye(e, dtype=torch.float64)
         for a in range(e):
@@ -270,13 +276,13 @@ def analyze_checkpoint(path: Path, opts: ExpertsOptions, datasets: dict[str, tor
         from dropup.model.io import load_model
 
         model = load_model(path, dtype=torch.float32, moe_impl="loop").eval()
-        tokens = torch.cat([w[:, :-1].reshape(-1) for w in datasets.values()])[: opts.tokens]
-        cka = output_cka(model, tokens[None])
+        inputs = [w[:, :-1] for w in datasets.values()]
+        cka = output_cka(model, inputs, opts.tokens)
         for rec in layers:
             rec["output_cka"] = cka[rec["layer"]].tolist()
         red = {name: redundancy(model, w, cfg) for name, w in datasets.items()}
         if log:
-            log(f"{path}: outputs compared on {tokens.numel()} tokens")
+            log(f"{path}: outputs compared on {min(opts.tokens, sum(x.numel() for x in inputs))} tokens")
     summary = {
         "mean_cosine": _mean([_off_mean(torch.tensor(r["cosine"])) for r in layers]),
         "mean_identical_neurons": _mean([_off_mean(torch.tensor(r["identical_neurons"])) for r in layers]),
