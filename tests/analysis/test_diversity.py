@@ -117,3 +117,24 @@ def test_bad_input_one_line_nothing_written(models, tmp_path, capsys):
     cli_fails(capsys, ["analyze", "experts", str(models["naive"]), "--data", str(big), "--out", str(out)],
               "tokenizer")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_skip_routes_to_the_next_ranks_weighted_as_the_architecture(norm):
+    from dropup.hub.config import ModelConfig
+    from dropup.model.decoder import MoE
+
+    cfg = ModelConfig(
+        model_type="qwen2_moe", vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=8, norm_topk_prob=norm)  # fmt: skip
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    x = torch.randn(20, 16)
+    probs = torch.nn.functional.linear(x, moe.router.weight).softmax(-1)
+    top, ids = probs.topk(4, dim=-1)
+    moe.skip_top_ranks = 2
+    _, w, got = moe.route(x)
+    assert torch.equal(got, ids[:, 2:])
+    want = top[:, 2:] / top[:, 2:].sum(-1, keepdim=True) if norm else top[:, 2:]
+    assert torch.allclose(w, want)
