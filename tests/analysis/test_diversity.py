@@ -96,12 +96,15 @@ def test_run_directory_gives_curves(models, tmp_path):
     run = tmp_path / "run"
     for step, src in ((10, "naive"), (20, "drop")):
         shutil.copytree(models[src], run / "ckpt" / f"step_{step}" / "model")
-    assert main(["analyze", "experts", str(run), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["analyze", "experts", str(run), "--out", str(tmp_path / "out"), "--quiet", "--data",
+                 str(models["code"]), "--tokens", "64", "--seq-len", "32"]) == 0
     r = json.loads((tmp_path / "out" / "experts.json").read_text())
     assert [c["step"] for c in r["checkpoints"]] == [10, 20]
     assert r["curves"]["step"] == [10, 20]
     assert r["curves"]["mean_identical_neurons"][0] == 1.0 > r["curves"]["mean_identical_neurons"][1]
+    assert r["curves"]["code skip_1"][0] == pytest.approx(0.0, abs=1e-5)  # naive: identical experts
     assert (tmp_path / "out" / "curves.png").is_file()
+    assert "| run@20 | code |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_input_one_line_nothing_written(models, tmp_path, capsys):

@@ -394,19 +394,21 @@ def plot_curves(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    red = [k for k in curves if " skip_" in k]
+    fig, axes = plt.subplots(1, 2 if red else 1, figsize=(11 if red else 6, 4), squeeze=False)
+    a = axes[0][0]
     for key in ("mean_cosine", "mean_identical_neurons", "mean_identical_to_dense", "mean_output_cka"):
         if any(v is not None for v in curves[key]):
             a.plot(curves["step"], curves[key], marker="o", label=key.removeprefix("mean_"))
     a.set_xlabel("step")
     a.set_title("expert similarity (mean over pairs and layers)")
     a.legend()
-    red = [k for k in curves if " skip_" in k]
-    for key in red:
-        b.plot(curves["step"], curves[key], marker="o", label=key)
-    b.set_xlabel("step")
-    b.set_title("loss change without top-ranked experts (nats)")
     if red:
+        b = axes[0][1]
+        for key in red:
+            b.plot(curves["step"], curves[key], marker="o", label=key)
+        b.set_xlabel("step")
+        b.set_title("loss change without top-ranked experts (nats)")
         b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
