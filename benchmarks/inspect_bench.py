@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import resource
 import shlex
 import shutil
 import subprocess
@@ -38,7 +39,6 @@ import sys, time, torch
 from dropup.hub.safetensors import CheckpointReader
 from dropup.hub import names
 ck = CheckpointReader(sys.argv[1])
-t = time.perf_counter()
 for layer in range(int(sys.argv[2])):
     ex = [[ck.get(names.expert_name('mixtral', layer, e, m)) for m in ('gate', 'up', 'down')] for e in range(8)]
     for i in range(8):
@@ -46,16 +46,23 @@ for layer in range(int(sys.argv[2])):
             a, b = ex[i], ex[j]
             dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
             same = ((a[0] == b[0]).all(1) & (a[1] == b[1]).all(1) & (a[2] == b[2]).all(0)).double().mean()
-print('REF', time.perf_counter() - t)
 """
 
 
-def timed(cmd: list[str]) -> float:
-    t = time.perf_counter()
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall and CPU seconds (user + system) of a child process, and its stdout. CPU time is
+    quoted beside wall time because the machine may be shared: waiting for a core is wall time
+    but not CPU time."""
+    t, c = time.perf_counter(), _child_cpu()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, _child_cpu() - c, p.stdout
 
 
 def main() -> int:
@@ -73,18 +80,21 @@ def main() -> int:
             out = work / f"{method}-{dtype}"
             upcycle(dense, out, method=method, ratio=0.5, dtype=dtype, progress=False)
             cli = [sys.executable, "-m", "dropup", "inspect", str(out), "--json"]
-            floor = timed([*cli, "--no-similarity"])
-            fast = timed(cli)
-            p = subprocess.run([sys.executable, "-c", _REFERENCE, str(out), str(REF_LAYERS)],
-                               capture_output=True, text=True, check=True)
-            ref = float(p.stdout.split()[-1]) * SHAPE["num_hidden_layers"] / REF_LAYERS
-            rows.append([method, dtype, f"{floor:.1f}", f"{fast:.1f}", f"{ref:.1f}", f"{ref / (fast - floor):.1f}x"])
+            floor, floor_cpu, _ = timed([*cli, "--no-similarity"])
+            fast, fast_cpu, _ = timed(cli)
+            scale = SHAPE["num_hidden_layers"] / REF_LAYERS
+            ref, ref_cpu, _ = timed([sys.executable, "-c", _REFERENCE, str(out), str(REF_LAYERS)])
+            # the reference's process also starts Python and reads headers: the floor, not scaled
+            ref, ref_cpu = floor + (ref - floor) * scale, floor_cpu + (ref_cpu - floor_cpu) * scale
+            rows.append([method, dtype, f"{floor:.1f} / {floor_cpu:.1f}", f"{fast:.1f} / {fast_cpu:.1f}",
+                         f"{ref:.0f} / {ref_cpu:.0f}",
+                         f"{(ref - floor) / (fast - floor):.1f}x / {(ref_cpu - floor_cpu) / (fast_cpu - floor_cpu):.1f}x"])
             print(" | ".join(rows[-1]), flush=True)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = ["method", "dtype", "--no-similarity s", "inspect s", f"pairwise reference s ({REF_LAYERS} layers, scaled to 30)",
-            "similarity pass vs reference"]
+    head = ["method", "dtype", "--no-similarity s (wall / CPU)", "inspect s (wall / CPU)",
+            f"pairwise reference s ({REF_LAYERS} layers, scaled to 30)", "similarity pass: reference / inspect"]
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     table = "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dropup.convert import surgery
@@ -73,6 +74,17 @@ def _fingerprint_weights(hidden: int) -> dict[str, torch.Tensor]:
             for m in surgery.FFN_MATRICES}
 
 
+def _to_float32(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[...] = src`` for a float32 ``dst``, exactly."""
+    if src.dtype == torch.bfloat16:
+        # bf16 is the upper half of an fp32: numpy's shift of the bits is about ten times faster
+        # than torch's CPU conversion, which dominated the similarity pass.
+        np.left_shift(src.view(torch.int16).numpy(), 16, out=dst.numpy().view(np.int32),
+                      dtype=np.int32, casting="unsafe")
+    else:
+        dst.copy_(src)
+
+
 def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int,
                      dense: dict[str, torch.Tensor] | None = None) -> LayerSimilarity:
     """Cosine similarity and bit-identical neurons for every pair of one layer's experts.
@@ -113,7 +125,7 @@ def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts:
             for e, t in enumerate(mats[m]):
                 part = t[:, start:stop] if m == "down" else t[start:stop]
                 f32 = flat[e, :size].view(part.shape)
-                f32.copy_(part)
+                _to_float32(part, f32)
                 b = bits[:size].view(part.shape)
                 # bf16 and fp16 widen to fp32 exactly and one-to-one, so the float32 copy's bits
                 # identify a neuron as well as the originals and save a second slow conversion.
