@@ -1,7 +1,8 @@
 """`dropup inspect`: what an MoE checkpoint is, how it was built, and how alike its experts are.
 
 Expert similarity is computed one layer and one block of neurons at a time, so inspecting a
-checkpoint needs memory for a layer's experts, not for the model.
+checkpoint needs memory for one block (at most SIMILARITY_BUDGET float32 values; the weights
+themselves are memory-mapped), not for the model.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class LayerSimilarity:
 
 
 def _fingerprint_weights(hidden: int) -> dict[str, torch.Tensor]:
+    """Random odd multipliers for neuron fingerprints: sum_i w_i * bits_i modulo 2^64 over a
+    neuron's elements. Two different neurons collide with probability at most 2^-(63 - v), v the
+    lowest set bit of their bit difference (v < 32 for 4-byte bits): equal fingerprints mean
+    bit-identical neurons."""
     gen = torch.Generator().manual_seed(0)
     return {m: torch.randint(1, 2**62, (hidden,), generator=gen, dtype=torch.int64) * 2 + 1
             for m in surgery.FFN_MATRICES}
