@@ -380,13 +380,48 @@ def _run_routing(a: argparse.Namespace) -> int:
     return 0
 
 
+def _experts_parser(sub) -> None:
+    from dropup.analysis.diversity import ExpertsOptions
+
+    d = ExpertsOptions()
+    p = sub.add_parser("experts", help="how alike the experts are: weights, outputs, redundancy",
+                       description="Per MoE layer: the experts' pairwise weight cosine similarity and "
+                       "identical neurons; with --dense, each expert's neurons unchanged from the dense "
+                       "source; with --data, linear CKA of the experts' outputs and the loss change per "
+                       "dataset when each token's top-ranked experts are removed. A training run "
+                       "directory stands for its checkpoints (curves over training).")
+    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="MoE checkpoint or training run directories")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: experts.json, PNG heatmaps, report.md (replaced if it exists)")
+    p.add_argument("--dense", default=None, metavar="SRC", help="the dense checkpoint the MoE was upcycled from")
+    p.add_argument("--data", nargs="+", default=[], metavar="DATASET",
+                   help="dataset directories (dropup data prepare), one domain each; their val split is used")
+    p.add_argument("--tokens", type=int, default=d.tokens,
+                   help=f"tokens of each dataset's val split to use (default {d.tokens})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length (default {d.seq_len})")
+    p.add_argument("--plot-layers", type=int, default=d.plot_layers,
+                   help=f"layers drawn as heatmaps per checkpoint (default {d.plot_layers})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _run_experts(a: argparse.Namespace) -> int:
+    from dropup.analysis.diversity import ExpertsOptions, analyze_experts
+
+    opts = ExpertsOptions(dense=a.dense, data=a.data, tokens=a.tokens, seq_len=a.seq_len,
+                          plot_layers=a.plot_layers, progress=not a.quiet)
+    analyze_experts(a.ckpts, a.out, opts)
+    if not a.quiet:
+        print(f"dropup analyze experts: wrote {a.out}/experts.json and report.md")
+    return 0
+
+
 # `dropup analyze NAME`: one entry per analysis, (add its parser, run it).
-ANALYSES = {"routing": (_routing_parser, _run_routing)}
+ANALYSES = {"routing": (_routing_parser, _run_routing), "experts": (_experts_parser, _run_experts)}
 
 
 def _analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="look inside MoE checkpoints: routing, ...",
-                       description="Analyses of MoE checkpoints; see each one's --help.")
+    p = sub.add_parser("analyze", help="look inside MoE checkpoints and training runs: routing, experts",
+                       description="Analyses of MoE checkpoints: " + ", ".join(ANALYSES) + ".")
     asub = p.add_subparsers(dest="analyze_command", required=True, metavar="{" + ",".join(ANALYSES) + "}")
     for add, _ in ANALYSES.values():
         add(asub)
@@ -425,12 +460,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the innermost command that ``args`` names (``dropup data prepare``'s for it)."""
-    for dest in ("command", "data_command", "analyze_command"):
+    while True:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None:
+        if sub is None or getattr(args, sub.dest, None) not in sub.choices:
             break
-        if getattr(args, dest, None) in sub.choices:  # each command level has its own dest
-            parser = sub.choices[getattr(args, dest)]
+        parser = sub.choices[getattr(args, sub.dest)]
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import load_tensors
 
 from dropup import UserError, upcycle
@@ -86,3 +87,42 @@ def test_verify_failure_leaves_no_output(dense_models, tmp_path, monkeypatch, ca
     code = main(["upcycle", str(dense_models["llama"]), str(tmp_path / "out"), "--verify"])
     assert code == 2 and "simulated failure" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _reference_similarity(tensors: dict, layer: int, num_experts: int):
+    """Pair by pair, neuron by neuron, in float64: the definition the fast path must match."""
+    def expert(e):
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+        return tensors[p + "w1.weight"], tensors[p + "w3.weight"], tensors[p + "w2.weight"]
+
+    cos = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    same = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    for i in range(num_experts):
+        for j in range(num_experts):
+            a, b = expert(i), expert(j)
+            va = torch.cat([t.double().reshape(-1) for t in a])
+            vb = torch.cat([t.double().reshape(-1) for t in b])
+            cos[i, j] = va @ vb / (va.norm() * vb.norm())
+            bits = [torch.equal(a[0][n], b[0][n]) and torch.equal(a[1][n], b[1][n])
+                    and torch.equal(a[2][:, n], b[2][:, n]) for n in range(a[0].shape[0])]
+            same[i, j] = sum(bits) / len(bits)
+    return cos, same
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_similarity_equals_pairwise_reference(wide_llama, tmp_path, dtype, monkeypatch):
+    from dropup.analysis import experts
+    from dropup.hub.safetensors import CheckpointReader
+
+    out = tmp_path / "drop"
+    upcycle(wide_llama, out, ratio=0.5, dtype=dtype, progress=False)
+    tensors = load_tensors(out)
+    # a small budget forces several neuron blocks, as a large model would need
+    monkeypatch.setattr(experts, "SIMILARITY_BUDGET", 8 * 64 * 100)
+    ck = CheckpointReader(out)
+    for layer in range(2):
+        fast = experts.layer_similarity(ck, "mixtral", layer, 8)
+        cos, same = _reference_similarity(tensors, layer, 8)
+        assert torch.allclose(fast.cosine, cos, rtol=0, atol=1e-6)
+        assert torch.equal(fast.identical, same)
+        assert 0.1 < same[0, 1] < 0.4  # drop: the test compares partly identical experts

@@ -335,7 +335,7 @@ def test_bad_inputs(moes, domains, dense, tmp_path, capsys):
 def test_analyze_usage_errors_are_one_line(capsys):
     from dropup.cli import main
 
-    for argv, needles in [(["analyze"], ("dropup analyze: error:", "{routing}", "(see dropup analyze --help)")),
+    for argv, needles in [(["analyze"], ("dropup analyze: error:", "{routing,experts}", "(see dropup analyze --help)")),
                           (["analyze", "routing", "x"], ("required: --data, --out",
                                                          "(see dropup analyze routing --help)")),
                           (["analyze", "routing", "x", "--data", "d", "--out", "o", "--bogus"],

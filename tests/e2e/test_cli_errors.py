@@ -60,6 +60,8 @@ def _usage_error(capsys, argv) -> str:
      "dropup data corpus: error: unrecognized arguments: --frob (see dropup data corpus --help)"),
     (["train"], "dropup train: error: the following arguments are required: --config "
                 "(see dropup train --help)"),
+    (["analyze", "experts"], "dropup analyze experts: error: the following arguments are required: CKPT, "
+                             "--out (see dropup analyze experts --help)"),
 ])
 def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys, argv, expected):
     assert _usage_error(capsys, argv) == expected

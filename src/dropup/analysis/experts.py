@@ -1,7 +1,8 @@
 """`dropup inspect`: what an MoE checkpoint is, how it was built, and how alike its experts are.
 
 Expert similarity is computed one layer and one block of neurons at a time, so inspecting a
-checkpoint needs memory for a block, not for the model.
+checkpoint needs memory for one block (at most SIMILARITY_BUDGET float32 values; the weights
+themselves are memory-mapped), not for the model.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dropup.convert import surgery
@@ -21,7 +24,8 @@ from dropup.hub.card import parameter_counts
 from dropup.hub.config import ModelConfig
 from dropup.hub.safetensors import CheckpointReader, json_type
 
-NEURON_BLOCK = 512
+# Elements of one layer's experts compared at once (float32: 256 MB); SmolLM2-135M x 8 fits whole.
+SIMILARITY_BUDGET = 64 << 20
 
 
 def _moe_config(ck: CheckpointReader) -> ModelConfig:
@@ -34,16 +38,6 @@ def _moe_config(ck: CheckpointReader) -> ModelConfig:
     except UserError as e:
         raise UserError(f"inspect: {ck.path / 'config.json'}: {e}") from None
     return cfg
-
-
-def _fingerprints(blocks: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """One int64 per neuron that changes when any of the neuron's bits change.
-
-    Bit patterns are summed with random odd multipliers modulo 2^64; two different neurons collide
-    with probability about 2^-64, so equal fingerprints mean bit-identical neurons.
-    """
-    bits = torch.cat([b.contiguous().view(_int_dtype(b.dtype)).to(torch.int64) for b in blocks], dim=1)
-    return (bits * weights[: bits.shape[1]]).sum(dim=1)
 
 
 def _int_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,40 +60,105 @@ def _check_experts(ck: CheckpointReader, layer: int, names: dict[tuple[int, str]
                             "not a floating-point weight; the checkpoint is malformed")
 
 
-def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int) -> dict:
-    """Mean pairwise cosine similarity of the experts' weights, and the mean fraction of neurons
-    that are bit-identical between two experts (1.0 for naive upcycling, about (1-r)^2 for drop)."""
+@dataclass(frozen=True)
+class LayerSimilarity:
+    """How alike one layer's experts are, as full matrices (index = expert)."""
+
+    cosine: torch.Tensor  # [E, E] float64: cosine similarity of the experts' flattened weights
+    identical: torch.Tensor  # [E, E] float64: fraction of neurons bit-identical between two experts
+    identical_to_dense: torch.Tensor | None  # [E]: fraction bit-identical to the dense FFN, if given
+
+
+def _fingerprint_weights(hidden: int) -> dict[str, torch.Tensor]:
+    """Random odd multipliers for neuron fingerprints: sum_i w_i * bits_i modulo 2^64 over a
+    neuron's elements. Two different neurons collide with probability at most 2^-(63 - v), v the
+    lowest set bit of their bit difference (v < 32 for 4-byte bits): equal fingerprints mean
+    bit-identical neurons."""
+    gen = torch.Generator().manual_seed(0)
+    return {m: torch.randint(1, 2**62, (hidden,), generator=gen, dtype=torch.int64) * 2 + 1
+            for m in surgery.FFN_MATRICES}
+
+
+def _to_float32(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[...] = src`` for a float32 ``dst``, exactly."""
+    if src.dtype == torch.bfloat16:
+        # bf16 is the upper half of an fp32: numpy's shift of the bits is about ten times faster
+        # than torch's CPU conversion, which dominated the similarity pass.
+        np.left_shift(src.view(torch.int16).numpy(), 16, out=dst.numpy().view(np.int32),
+                      dtype=np.int32, casting="unsafe")
+    else:
+        dst.copy_(src)
+
+
+def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int,
+                     dense: dict[str, torch.Tensor] | None = None) -> LayerSimilarity:
+    """Cosine similarity and bit-identical neurons for every pair of one layer's experts.
+
+    A neuron is a row of gate and up and the matching column of down. ``dense`` (gate, up and
+    down of the dense FFN) adds each expert's fraction of neurons identical to it, position by
+    position; it is cast to the experts' dtype first, as the converter casts it.
+
+    All experts are handled together, a block of neurons at a time (all of them for models of
+    SmolLM2's size): one float32 matrix product per matrix and block gives every pair's dot
+    products, and each expert's neurons are fingerprinted once, not once per pair. The buffers
+    are reused across blocks and matrices: on a small machine, fresh allocations (page faults)
+    cost more than the arithmetic.
+    """
     names = {(e, m): archs.expert_name(target, layer, e, m)
              for e in range(num_experts) for m in surgery.FFN_MATRICES}
     if any(n not in ck.tensors for n in names.values()):
         raise UserError(f"inspect: {ck.path} does not store per-expert tensors for layer {layer}")
     _check_experts(ck, layer, names)
-    mats = {k: ck.get(n) for k, n in names.items()}
-    d_f, hidden = mats[(0, "gate")].shape
-    gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    same = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    weights = torch.randint(1, 2**62, (3 * hidden,), generator=gen, dtype=torch.int64) * 2 + 1
-    for start in range(0, d_f, NEURON_BLOCK):
-        stop = min(d_f, start + NEURON_BLOCK)
-        rows, prints = [], []
-        for e in range(num_experts):
-            parts = [mats[(e, "gate")][start:stop], mats[(e, "up")][start:stop],
-                     mats[(e, "down")][:, start:stop].t()]
-            prints.append(_fingerprints(parts, weights))
-            rows.append(torch.cat([p.reshape(-1) for p in parts]).to(torch.float64))
-        x = torch.stack(rows)
-        gram += x @ x.t()
-        fp = torch.stack(prints)  # [E, block]
-        same += (fp[:, None, :] == fp[None, :, :]).sum(-1).to(torch.float64)
+    mats = {m: [ck.get(names[(e, m)]) for e in range(num_experts)] for m in surgery.FFN_MATRICES}
+    dtype = mats["gate"][0].dtype
+    if dense is not None:
+        for m in surgery.FFN_MATRICES:
+            mats[m].append(dense[m].to(dtype))
+    n = len(mats["gate"])
+    d_f, hidden = mats["gate"][0].shape
+    weights = _fingerprint_weights(hidden)
+    block = max(1, min(d_f, SIMILARITY_BUDGET // (n * hidden)))
+    flat = torch.empty(n, block * hidden, dtype=torch.float32)
+    bits = torch.empty(block * hidden, dtype=torch.int64)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    same = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, d_f, block):
+        stop = min(d_f, start + block)
+        size = (stop - start) * hidden
+        prints = torch.zeros(n, stop - start, dtype=torch.int64)
+        for m in surgery.FFN_MATRICES:
+            for e, t in enumerate(mats[m]):
+                part = t[:, start:stop] if m == "down" else t[start:stop]
+                f32 = flat[e, :size].view(part.shape)
+                _to_float32(part, f32)
+                b = bits[:size].view(part.shape)
+                # bf16 and fp16 widen to fp32 exactly and one-to-one, so the float32 copy's bits
+                # identify a neuron as well as the originals and save a second slow conversion.
+                b.copy_(part.view(torch.int64) if dtype.itemsize == 8 else f32.view(torch.int32))
+                # down's neurons are columns: weight by row, sum over rows
+                prints[e] += (b.mul_(weights[m][:, None]) if m == "down" else b.mul_(weights[m])).sum(
+                    0 if m == "down" else 1)
+            x = flat[:, :size]
+            gram += (x @ x.t()).double()
+        same += (prints[:, None, :] == prints[None, :, :]).sum(-1).to(torch.float64)
     norms = gram.diagonal().sqrt().clamp_min(1e-30)
     cos = gram / (norms[:, None] * norms[None, :])
+    same /= d_f
+    e = num_experts
+    return LayerSimilarity(cosine=cos[:e, :e], identical=same[:e, :e],
+                           identical_to_dense=same[e, :e].clone() if dense is not None else None)
+
+
+def expert_similarity(ck: CheckpointReader, target: str, layer: int, num_experts: int) -> dict:
+    """Mean pairwise cosine similarity of the experts' weights, and the mean fraction of neurons
+    that are bit-identical between two experts (1.0 for naive upcycling, about (1-r)^2 for drop)."""
+    s = layer_similarity(ck, target, layer, num_experts)
     off = ~torch.eye(num_experts, dtype=torch.bool)
     return {
         "layer": layer,
-        "mean_cosine": cos[off].mean().item(),
-        "min_cosine": cos[off].min().item(),
-        "mean_identical_neurons": (same[off] / d_f).mean().item(),
+        "mean_cosine": s.cosine[off].mean().item(),
+        "min_cosine": s.cosine[off].min().item(),
+        "mean_identical_neurons": s.identical[off].mean().item(),
     }
 
 

@@ -206,6 +206,8 @@ MOE_IMPLS = ("auto", "grouped", "loop")
 class MoE(nn.Module):
     """Dropless token-choice top-k MoE with an fp32 router (Mixtral / Qwen-MoE semantics)."""
 
+    skip_top_ranks: int = 0  # see route(); set per instance by analysis code, never in training
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
@@ -230,7 +232,12 @@ class MoE(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        weights, ids = probs.topk(self.top_k + self.skip_top_ranks, dim=-1)
+        if self.skip_top_ranks:
+            # Redundancy analysis only (analysis/diversity.py): each token's first-ranked experts
+            # are removed and the next-best take their place, weighted as the architecture weights
+            # a top-k choice. Training never sets it, so its compiled graph sees the constant 0.
+            weights, ids = weights[:, self.skip_top_ranks :], ids[:, self.skip_top_ranks :]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
