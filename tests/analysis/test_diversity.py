@@ -104,7 +104,7 @@ def test_run_directory_gives_curves(models, tmp_path):
     assert r["curves"]["mean_identical_neurons"][0] == 1.0 > r["curves"]["mean_identical_neurons"][1]
     assert r["curves"]["code skip_1"][0] == pytest.approx(0.0, abs=1e-5)  # naive: identical experts
     assert (tmp_path / "out" / "curves.png").is_file()
-    assert "| run@20 | code |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| run/step_20 | code |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_input_one_line_nothing_written(models, tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_bad_input_one_line_nothing_written(models, tmp_path, capsys):
     cli_fails(capsys, ["analyze", "experts", str(models["naive"]), "--dense", str(other), "--out", str(out)],
               "--dense", "upcycled from")
     (tmp_path / "empty" / "ckpt").mkdir(parents=True)
-    cli_fails(capsys, ["analyze", "experts", str(tmp_path / "empty"), "--out", str(out)], "no complete checkpoint")
+    cli_fails(capsys, ["analyze", "experts", str(tmp_path / "empty"), "--out", str(out)], "no ckpt/step_N/model")
     big = write_dataset(tmp_path / "big", {"val": [[VOCAB + 5, 1, 2, 3]]}, VOCAB + 10)
     cli_fails(capsys, ["analyze", "experts", str(models["naive"]), "--data", str(big), "--out", str(out)],
               "tokenizer")

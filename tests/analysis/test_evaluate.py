@@ -221,10 +221,10 @@ def test_an_empty_run_directory_and_a_path_that_is_not_a_checkpoint(setup, capsy
     run = tmp_path / "run"
     (run / "ckpt").mkdir(parents=True)
     (run / "config.yaml").write_text("steps: 1\n")
-    _fails(capsys, tmp_path, [str(run), "--data", str(setup["prose"])], "holds no checkpoints")
+    _fails(capsys, tmp_path, [str(run), "--data", str(setup["prose"])], "no ckpt/step_N/model")
     nothing = tmp_path / "nothing"
     nothing.mkdir()
-    _fails(capsys, tmp_path, [str(nothing), "--data", str(setup["prose"])], "is not a checkpoint")
+    _fails(capsys, tmp_path, [str(nothing), "--data", str(setup["prose"])], "is neither a Hugging Face checkpoint")
     _fails(capsys, tmp_path, [str(setup["dense"]), "--data", str(nothing)], "meta.json")
 
 

@@ -75,25 +75,6 @@ class ExpertsOptions:
 # Inputs
 
 
-def expand_checkpoints(paths: list[str | Path]) -> list[tuple[str, int | None, Path]]:
-    """(label, step, checkpoint) for each CKPT: a run directory gives one per saved step."""
-    from dropup.train.checkpoints import checkpoints
-
-    out = []
-    for p in map(Path, paths):
-        if (p / "ckpt").is_dir() and not (p / "config.json").is_file():
-            steps = [(s, c / "model") for s, c in checkpoints(p) if (c / "model" / "config.json").is_file()]
-            if not steps:
-                raise UserError(f"analyze experts: run directory {p} holds no complete checkpoint "
-                                "(ckpt/step_N/model); train longer or pass a checkpoint directory")
-            out += [(f"{p.name}@{s}", s, c) for s, c in steps]
-        elif (p / "ckpt").exists() and not (p / "config.json").is_file():
-            raise UserError(f"analyze experts: {p}/ckpt is not a directory; pass a run or checkpoint directory")
-        else:
-            out.append((p.name, None, p))
-    return out
-
-
 def _dense_ffn(dense: CheckpointReader, cfg: ModelConfig) -> dict[int, dict[str, torch.Tensor]]:
     """The dense source's FFN of every layer, checked against the MoE's shapes."""
     dcfg = ModelConfig.from_hf(dense.config, where=f"--dense {dense.path}")
@@ -313,7 +294,9 @@ def analyze_experts(ckpts: list[str | Path], out: str | Path, opts: ExpertsOptio
     opts.validate()
     if not ckpts:
         raise UserError("analyze experts: pass at least one CKPT (a checkpoint or run directory)")
-    items = expand_checkpoints(ckpts)
+    from dropup.train.checkpoints import model_refs
+
+    items = [(r.label, r.step, r.path) for r in model_refs(ckpts)]
     for _, _, p in items:  # refuse bad input before the long part
         cfg = _moe_config_for_analysis(CheckpointReader(p, "CKPT"))
         if opts.dense:

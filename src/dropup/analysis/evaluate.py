@@ -42,6 +42,7 @@ from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir, atomic_write_text
 from dropup.hub.card import check_tokenizers
 from dropup.model.io import load_config, load_model, runtime
+from dropup.train.checkpoints import ModelRef, model_refs
 from dropup.model.lm_loss import bits_per_byte, target_bytes, window_nll
 from dropup.options import Device, Precision, check_choices, check_ranges, ranged
 
@@ -128,51 +129,13 @@ def score(model: torch.nn.Module, file: TokenFile, seq_len: int, n_tokens: int, 
 # ---- what to evaluate ---------------------------------------------------------------------------
 
 
-@dataclass
-class Checkpoint:
-    path: Path  # the model directory
-    given: str  # the path as given (a run directory for the curve's points)
-    step: int | None = None  # of a run's checkpoint
-    tokens_trained: int | None = None
-
-
-def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
-    """Model directories as given; a training run directory becomes its checkpoints in step order."""
-    from dropup.train.checkpoints import checkpoints
-
-    out = []
-    for given in paths:
-        p = Path(given)
-        if (p / "config.json").is_file():
-            out.append(Checkpoint(p, given))
-        elif (p / "ckpt").is_dir() or (p / "metrics.jsonl").is_file() or (p / "config.yaml").is_file():
-            found = [(step, c / "model") for step, c in checkpoints(p) if (c / "model" / "config.json").is_file()]
-            if not found:
-                raise UserError(f"run directory {p} holds no checkpoints (ckpt/step_N/model); evaluate it "
-                                "once `dropup train` has saved one (save_interval)")
-            for step, model_dir in found:
-                out.append(Checkpoint(model_dir, given, step, _tokens_trained(model_dir.parent)))
-        else:
-            raise UserError(f"{p} is not a checkpoint: neither a Hugging Face model directory (config.json) "
-                            "nor a training run directory (ckpt/step_N/model)")
-    return out
-
-
-def _tokens_trained(ckpt: Path) -> int | None:
-    try:
-        tokens = json.loads((ckpt / "trainer.json").read_text()).get("tokens")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return tokens if isinstance(tokens, int) else None
-
-
 def dataset_names(paths: list[str]) -> list[str]:
     """Each dataset's directory name; the path as given where two names would collide."""
     names = [Path(p).resolve().name for p in paths]
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
-def _check_pair(ckpt: Checkpoint, vocab: int, file: TokenFile, opts: EvalOptions) -> None:
+def _check_pair(ckpt: ModelRef, vocab: int, file: TokenFile, opts: EvalOptions) -> None:
     file.check_vocab(vocab, f"checkpoint {ckpt.path}'s")
     if opts.allow_tokenizer_mismatch:
         return
@@ -184,7 +147,7 @@ def _check_pair(ckpt: Checkpoint, vocab: int, file: TokenFile, opts: EvalOptions
                         f"prepare it with --tokenizer {ckpt.path}, or pass --allow-tokenizer-mismatch") from None
 
 
-def _seq_len(opts: EvalOptions, ckpt: Checkpoint, max_positions: int) -> int:
+def _seq_len(opts: EvalOptions, ckpt: ModelRef, max_positions: int) -> int:
     if opts.seq_len is None:
         return min(max_positions, MAX_DEFAULT_SEQ_LEN)
     if opts.seq_len > max_positions:
@@ -201,7 +164,7 @@ def evaluate(opts: EvalOptions) -> dict:
     ``opts.out`` when set, with loss.png when a run directory gave a curve). Every input is
     checked before the first model is loaded; OUT appears whole or not at all."""
     opts.validate()
-    ckpts = expand_checkpoints(opts.checkpoints)
+    ckpts = model_refs(opts.checkpoints)
     names = dataset_names(opts.datasets)
     files = {}
     for name, path in zip(names, opts.datasets):
@@ -238,7 +201,7 @@ def evaluate(opts: EvalOptions) -> dict:
                 scores = {name: score(model, f, seq_len, n_tokens[name], opts.batch_size, device, tables[name],
                                       bar.tick).as_dict() for name, f in files.items()}
                 del model
-                models.append({"checkpoint": str(c.path), "run": c.given if c.step is not None else None,
+                models.append({"checkpoint": str(c.path), "label": c.label, "run": str(c.run) if c.run else None,
                                "step": c.step, "tokens_trained": c.tokens_trained, "seq_len": seq_len,
                                "datasets": scores, "macro": macro(scores)})
         return {"format": FORMAT, "version": VERSION, "split": opts.split,
@@ -333,11 +296,8 @@ def format_table(report: dict) -> str:
         bpb = "-" if s["bpb"] is None else f"{s['bpb']:.4f}"
         return f"{s['loss']:.4f} / {s['perplexity']:.2f} / {bpb}"
 
-    labels = [f"{Path(m['run']).name} step {m['step']}" if m["step"] is not None else Path(m["checkpoint"]).name
-              for m in report["models"]]
-    for m, label in zip(report["models"], labels):
-        if labels.count(label) > 1:  # two directories of one name: the whole path tells them apart
-            label = m["checkpoint"]
+    for m in report["models"]:
+        label = m["label"]
         trained = "" if m["tokens_trained"] is None else f"{m['tokens_trained']:,}"
         table.add_row(label, trained, *[cell(m["datasets"][n]) for n in names], cell(m["macro"]))
     buf = io.StringIO()

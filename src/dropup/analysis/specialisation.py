@@ -315,36 +315,13 @@ def resolve_checkpoints(paths: list[str]) -> list[_Model]:
     """Models to analyse: checkpoint directories as given; a run directory's checkpoints
     (``ckpt/step_N/model``) oldest first. ``UserError`` for anything else or a dense model."""
     from dropup.model.io import load_config
-    from dropup.train.checkpoints import checkpoints
+    from dropup.train.checkpoints import model_refs
 
-    found: list[_Model] = []
-    for given in paths:
-        p = Path(given)
-        if not p.is_dir():
-            raise UserError(f"checkpoint {given} is not a directory; pass a Hugging Face MoE checkpoint "
-                            "or a training run directory")
-        if (p / "config.json").exists():
-            r = p.resolve()
-            # A run's export (RUN/ckpt/step_N/model) is named as the run names its checkpoints.
-            export = r.name == "model" and r.parent.parent.name == "ckpt" and r.parent.name.startswith("step_")
-            found.append(_Model(f"{r.parent.parent.parent.name}/{r.parent.name}" if export else r.name or str(p),
-                                p, load_config(p)))
-            continue
-        steps = [(s, c / "model") for s, c in checkpoints(p) if (c / "model" / "config.json").exists()]
-        if not steps:
-            raise UserError(f"{given} is neither a Hugging Face checkpoint (no config.json) nor a training "
-                            "run directory with saved checkpoints (no ckpt/step_N/model); pass a checkpoint "
-                            "directory, or a run after its first checkpoint")
-        run_name = p.resolve().name
-        found += [_Model(f"{run_name}/step_{s}", m, load_config(m), p, s) for s, m in steps]
+    found = [_Model(r.label, r.path, load_config(r.path), r.run, r.step) for r in model_refs(paths)]
     for m in found:
         if not m.cfg.is_moe:
             raise UserError(f"{m.path} is a dense model ({m.cfg.model_type}), not an MoE: it has no routing to "
                             "analyse; use `dropup eval` for its loss")
-    names = [m.name for m in found]
-    for i, m in enumerate(found):  # same directory names from different places: number them
-        if names.count(m.name) > 1:
-            m.name = f"{m.name}#{names[: i + 1].count(m.name)}"
     return found
 
 

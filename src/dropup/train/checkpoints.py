@@ -27,6 +27,7 @@ import re
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +72,58 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if m and p.is_dir():  # only a complete save is renamed to step_N; verify_checkpoint checks it
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+@dataclass
+class ModelRef:
+    """A Hugging Face model directory to evaluate or analyse, and where it came from."""
+
+    path: Path  # the model directory (config.json)
+    label: str  # RUN/step_N for a run's checkpoint (given as the run or as its export), else its name
+    run: Path | None = None  # the training run directory, for a run's checkpoint
+    step: int | None = None
+    tokens_trained: int | None = None  # trainer.json's tokens, for a run's checkpoint
+
+
+def model_refs(paths: list[str | Path]) -> list[ModelRef]:
+    """What `dropup eval` and `dropup analyze` accept as CKPT: Hugging Face model directories as
+    given, and training run directories, each of which stands for its saved checkpoints'
+    exports (``ckpt/step_N/model``) in step order. ``UserError`` for anything else."""
+    out = []
+    for given in paths:
+        p = Path(given)
+        if (p / "config.json").is_file():
+            r = p.resolve()
+            export = r.name == "model" and r.parent.parent.name == "ckpt" and _STEP_DIR.fullmatch(r.parent.name)
+            if export:
+                run, step = r.parent.parent.parent, int(export.group(1))
+                out.append(ModelRef(p, f"{run.name}/step_{step}", run, step, _tokens_trained(r.parent)))
+            else:
+                out.append(ModelRef(p, r.name or str(p)))
+            continue
+        if not p.is_dir():
+            raise UserError(f"checkpoint {given} is not a directory; pass a Hugging Face checkpoint or a "
+                            "training run directory")
+        found = [(step, c) for step, c in checkpoints(p) if (c / "model" / "config.json").is_file()]
+        if not found:
+            raise UserError(f"{given} is neither a Hugging Face checkpoint (no config.json) nor a training run "
+                            "directory with saved checkpoints (no ckpt/step_N/model); pass a checkpoint "
+                            "directory, or a run after its first checkpoint (save_interval)")
+        name = p.resolve().name
+        out += [ModelRef(c / "model", f"{name}/step_{step}", p, step, _tokens_trained(c)) for step, c in found]
+    labels = [m.label for m in out]
+    for i, m in enumerate(out):  # one name from different places: number them
+        if labels.count(m.label) > 1:
+            m.label = f"{m.label}#{labels[: i + 1].count(m.label)}"
+    return out
+
+
+def _tokens_trained(ckpt: Path) -> int | None:
+    try:
+        tokens = json.loads((ckpt / "trainer.json").read_text()).get("tokens")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
 
 # ---- the manifest ------------------------------------------------------------------------------
