@@ -248,6 +248,18 @@ def _run_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_run_args(p: argparse.ArgumentParser, defaults) -> None:
+    """How eval and analyze routing run models over datasets (fields of their options classes)."""
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default=defaults.device, choices=choices(type(defaults), "device"),
+                   help="where the models run (auto: CUDA when available, else the CPU)")
+    p.add_argument("--dtype", default=defaults.dtype, choices=choices(type(defaults), "dtype"),
+                   help="the weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="use datasets tokenised with another tokenizer than the checkpoint's")
+
+
 def _eval_parser(sub) -> None:
     from dropup.analysis.evaluate import EvalOptions
 
@@ -265,13 +277,7 @@ def _eval_parser(sub) -> None:
                    help="read the first N tokens of each dataset's split (default: all of it)")
     p.add_argument("--seq-len", type=int, default=d.seq_len,
                    help="window length (default: the model's max_position_embeddings, at most 4096)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
-    p.add_argument("--device", default=d.device, choices=choices(EvalOptions, "device"),
-                   help="default: cuda when available")
-    p.add_argument("--dtype", default=d.dtype, choices=choices(EvalOptions, "dtype"),
-                   help="of the weights (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="score a dataset tokenised with another tokenizer than the checkpoint's")
+    _model_run_args(p, d)
     p.add_argument("--json", action="store_true", help="print eval.json's contents instead of the table")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write eval.json there (and loss.png for a run's curve); DIR must be new or empty")
@@ -355,15 +361,9 @@ def _routing_parser(asub) -> None:
     p.add_argument("--split", default=d.split, help="dataset split (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len,
                    help="window length (default 1024, or the models' max positions if smaller)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward (default %(default)s)")
-    p.add_argument("--device", default=d.device, choices=choices(RoutingOptions, "device"),
-                   help="where the models run (auto: CUDA when available, else the CPU)")
-    p.add_argument("--dtype", default=d.dtype, choices=choices(RoutingOptions, "dtype"),
-                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU; routers run in fp32 always)")
+    _model_run_args(p, d)
     p.add_argument("--layers", type=int, nargs="+", default=d.layers, metavar="LAYER",
                    help="layers shown in the figures (default: up to 4 spread over depth)")
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="analyse data tokenised by another tokenizer than the model's")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress or table")
 
