@@ -33,6 +33,7 @@ from dropup.analysis.specialisation import RoutingOptions, analyze_routing  # no
 from dropup.data.tokens import write_dataset  # noqa: E402
 from dropup.hub.config import ModelConfig  # noqa: E402
 from dropup.model.decoder import build_model  # noqa: E402
+from dropup.analysis.evaluate import EvalOptions, evaluate  # noqa: E402
 from dropup.model.io import save_model  # noqa: E402
 from dropup.model.presets import PRESETS  # noqa: E402
 
@@ -87,12 +88,24 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
             m = res["models"][0]
-            rows.append([preset, device, res["dtype"], str(r + 1), f"{len(DOMAINS)} x {tokens}",
+            rows.append(["analyze routing", preset, device, res["dtype"], str(r + 1), f"{len(DOMAINS)} x {tokens}",
                          str(res["seq_len"]), str(a.batch_size), f"{wall:.2f}",
-                         f"{len(DOMAINS) * tokens / wall / 1e3:.0f}", f"{peak:.2f}", f"{m['mean_jsd']:.4f}"])
+                         f"{len(DOMAINS) * tokens / wall / 1e3:.0f}", f"{peak:.2f}", f"JSD {m['mean_jsd']:.4f}"])
             print(" | ".join(rows[-1]), flush=True)
-    head = ["model", "device", "dtype", "run", "tokens", "seq len", "batch", "wall s", "k tok/s",
-            "peak GPU GB", "mean JSD"]
+        for r in range(a.repeat):  # dropup eval on the same model and tokens, for comparison
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            rep = evaluate(EvalOptions([str(moe)], [str(d) for d in data], tokens=tokens, seq_len=res["seq_len"],
+                                       batch_size=a.batch_size, device=device, progress=False))
+            wall = time.perf_counter() - t
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+            rows.append(["eval", preset, device, rep["options"]["dtype"], str(r + 1), f"{len(DOMAINS)} x {tokens}",
+                         str(res["seq_len"]), str(a.batch_size), f"{wall:.2f}", f"{len(DOMAINS) * tokens / wall / 1e3:.0f}",
+                         f"{peak:.2f}", f"loss {rep['models'][0]['macro']['loss']:.4f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    head = ["command", "model", "device", "dtype", "run", "tokens", "seq len", "batch", "wall s", "k tok/s",
+            "peak GPU GB", "result"]
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     table = "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = torch.cuda.get_device_name() if device == "cuda" else "none"
         append_results(
             f"## analysis_bench.py, {_dt.datetime.now().isoformat(timespec='seconds')}\n\n"
-            f"`analyze_routing` end to end (load, forward, counts, routing.json, figures, report) on a random "
+            f"`analyze_routing` end to end (load, forward, counts, routing.json, figures, report), then `dropup "
+            f"eval` (loss over the same tokens), on a random "
             f"{preset} (bf16 checkpoint, built in {build_s:.1f} s) over {len(DOMAINS)} synthetic domains. "
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram']}, GPU {gpu}; "
             f"{', '.join(f'{k} {v}' for k, v in ver.items())}; dropup {source_revision()}.\n"

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """GPU smoke test of `dropup train` (bf16 autocast, per-layer compile, fused AdamW, chunked CE):
-a tiny MoE on toy data must train, checkpoint and resume. Run on a CUDA machine:
+a tiny MoE on toy data must train, checkpoint and resume, with the routing analysis of every
+checkpoint and TensorBoard events on; then `dropup eval` of the run's checkpoints on the GPU.
+Run on a CUDA machine:
 
     python benchmarks/gpu_train_smoke.py OUT_DIR
 """
@@ -23,7 +25,8 @@ cfg = out / "smoke.yaml"
 cfg.write_text(json.dumps({
     "model": {"preset": "moe-tiny"}, "data": {"datasets": [{"path": str(out / "toy")}], "seq_len": 256},
     "batch": {"global_batch": 16, "micro_batch": 8}, "steps": 60, "optim": {"lr": 3e-3, "warmup_steps": 5},
-    "log_interval": 10, "eval_interval": 30, "save_interval": 30, "out_dir": str(out / "run")}))
+    "log_interval": 10, "eval_interval": 30, "save_interval": 30, "out_dir": str(out / "run"),
+    "analysis": {"routing": True, "tokens": 4096}, "log": {"tensorboard": True}}))
 cmd = [sys.executable, "-m", "dropup", "train", "--config", str(cfg)]
 subprocess.run(cmd, check=True)
 lines = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -33,3 +36,9 @@ print(f"GPU train smoke: step {first['step']} loss {first['loss']:.4f} -> step {
 assert last["loss"] < first["loss"] * 0.7, "loss did not fall"
 subprocess.run(cmd + ["--set", "steps=70", "--resume", "--allow-config-change"], check=True)
 print("resumed to", json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"])
+curve = [json.loads(x) for x in (out / "run" / "analysis" / "routing.jsonl").read_text().splitlines()]
+print("routing per checkpoint:", [(c["step"], round(c["mean_jsd"], 4), c["dead_total"]) for c in curve])
+assert [c["step"] for c in curve] == [30, 60, 70], curve
+assert any((out / "run" / "tensorboard").iterdir()), "no TensorBoard events"
+subprocess.run([sys.executable, "-m", "dropup", "eval", str(out / "run"), "--data", str(out / "toy"),
+                "--device", "cuda", "--seq-len", "256", "--quiet", "--out", str(out / "eval")], check=True)
