@@ -48,3 +48,16 @@ def test_each_checkpoint_is_analysed_and_the_curve_is_logged(tmp_path):
     assert again["models"][0]["dead_count"] == curve[-1]["dead_count"]
     saved = json.loads((run_dir / "analysis" / "step_3" / "routing" / "routing.json").read_text())
     assert saved["models"][0]["counts"] == again["models"][0]["counts"]
+    # A resumed run rewrites the curve from its checkpoint on: the line of the step it redoes is
+    # replaced, not duplicated.
+    (run_dir / "analysis" / "routing.jsonl").write_text(
+        "".join(json.dumps(c) + "\n" for c in curve + [{**curve[-1], "step": 4}]))  # a later step's leftover
+    torch.set_num_threads(1)
+    try:
+        cfg2 = load_config(tmp_path / "run.yaml", overrides=["steps=4", "allow_resume_changes=true"])
+        train(cfg2, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    curve2 = [json.loads(line) for line in (run_dir / "analysis" / "routing.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve2] == [1, 2, 3, 4]
+    assert curve2[:3] == curve and curve2[3]["tokens"] == 256
