@@ -147,6 +147,27 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _repro_parser(sub) -> None:
+    p = sub.add_parser("repro", help="the paper's claims C1-C8 measured end to end (issue 14)")
+    p.add_argument("--preset", default="cpu-tiny", help="cpu-tiny, h200-10min or h200-1h (src/dropup/repro.py)")
+    p.add_argument("--out", required=True, help="directory for the study's phases, models and report.md")
+    p.add_argument("--resume", action="store_true", help="continue a study in OUT, skipping finished phases")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field, e.g. --set moe_steps=100 (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="the study's seed (the second seed is SEED + 1)")
+
+
+def _run_repro(a: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from dropup.repro import run_repro
+
+    run_repro(a.out, a.preset, resume=a.resume, sets=a.sets, seed=a.seed,
+              command=shlex.join(["dropup", *sys.argv[1:]]))
+    return 0
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a dense or MoE model (the paper's recipe)",
                        description="Train from a Hugging Face checkpoint or a preset shape on prepared "
@@ -432,7 +453,7 @@ def _run_analyze(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"upcycle": (_upcycle_parser, _run_upcycle), "inspect": (_inspect_parser, _run_inspect),
-            "demo": (_demo_parser, _run_demo), "train": (_train_parser, _run_train),
+            "demo": (_demo_parser, _run_demo), "repro": (_repro_parser, _run_repro), "train": (_train_parser, _run_train),
             "data": (_data_parser, _run_data), "generate": (_generate_parser, _run_generate),
             "eval": (_eval_parser, _run_eval), "analyze": (_analyze_parser, _run_analyze)}
 

@@ -129,8 +129,10 @@ def _dense_init(path: Path, s: DemoScale, vocab: int, seed: int) -> Path:
     return path
 
 
-def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps: int, lr: float, seed: int) -> Path:
-    """Train from ``init`` on the equal-weight mixture; returns the final Hugging Face checkpoint."""
+def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps: int, lr: float, seed: int,
+           save_interval: int = 0, keep_last: int = 1, device: str = "cpu") -> Path:
+    """Train from ``init`` on the equal-weight mixture; returns the final Hugging Face checkpoint.
+    ``save_interval``/``keep_last`` keep intermediate checkpoints (``dropup repro``'s curves)."""
     from dropup.train.loop import train
     from dropup.train.config import load_config
 
@@ -140,7 +142,7 @@ def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps
            "batch": {"global_batch": s.global_batch, "micro_batch": s.micro_batch},
            "steps": steps, "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)},
            "seed": seed, "log_interval": max(1, s.eval_interval // 5), "eval_interval": s.eval_interval,
-           "save_interval": 0, "keep_last": 1, "out_dir": str(run_dir), "device": "cpu"}
+           "save_interval": save_interval, "keep_last": keep_last, "out_dir": str(run_dir), "device": device}
     cfg_path = run_dir.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     train(load_config(cfg_path))

@@ -31,7 +31,7 @@ def _usage_error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("argv,expected", [
-    ([], "dropup: error: the following arguments are required: {upcycle,inspect,demo,train,data,generate,eval,analyze} "
+    ([], "dropup: error: the following arguments are required: {upcycle,inspect,demo,repro,train,data,generate,eval,analyze} "
          "(see dropup --help)"),
     (["upcycle"], "dropup upcycle: error: the following arguments are required: src, out "
                   "(see dropup upcycle --help)"),
@@ -45,8 +45,8 @@ def _usage_error(capsys, argv) -> str:
      "dropup upcycle: error: argument --ratio: invalid float value: 'abc' (see dropup upcycle --help)"),
     (["upcycle", "a", "b", "--num-experts"],
      "dropup upcycle: error: argument --num-experts: expected one argument (see dropup upcycle --help)"),
-    (["nosuch"], "dropup: error: argument {upcycle,inspect,demo,train,data,generate,eval,analyze}: invalid choice: 'nosuch' "
-                 "(choose from 'upcycle', 'inspect', 'demo', 'train', 'data', 'generate', 'eval', 'analyze') (see dropup --help)"),
+    (["nosuch"], "dropup: error: argument {upcycle,inspect,demo,repro,train,data,generate,eval,analyze}: invalid choice: 'nosuch' "
+                 "(choose from 'upcycle', 'inspect', 'demo', 'repro', 'train', 'data', 'generate', 'eval', 'analyze') (see dropup --help)"),
     (["inspect"], "dropup inspect: error: the following arguments are required: path "
                   "(see dropup inspect --help)"),
     (["data"], "dropup data: error: the following arguments are required: {prepare,corpus} "

@@ -1,0 +1,505 @@
+"""`dropup repro`: the paper's claims C1-C8 (issue 14) measured on one machine, phase by phase.
+
+OUT holds one directory per phase's outputs and ``phases/<name>.json``, the phase's ``done``
+marker, written last (atomically) with everything later phases and the report read from it; a
+phase whose marker exists is skipped, so ``--resume`` after a kill re-runs only unfinished
+phases and the finished phases' numbers are the very ones recorded before. The corpus, tokenizer,
+dense-model and training helpers are demo.py's (one home); the verdicts are pure functions of the
+numbers (``judge``), so they can be tested on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dropup.demo import DemoScale, _build_data, _dense_init, _train
+from dropup.errors import UserError
+from dropup.hub.atomic import atomic_write_text
+
+# Upcycling options per method (dropup.convert.upcycle.UpcycleOptions' fields).
+METHODS = {
+    "naive": dict(method="naive"),
+    "drop-0.5": dict(method="drop", ratio=0.5, index_sampling="shared"),
+    "drop-0.5-per-matrix": dict(method="drop", ratio=0.5, index_sampling="per-matrix"),
+    "drop-1.0": dict(method="drop", ratio=1.0),
+    "noise": dict(method="noise"),
+    "scratch": dict(method="scratch"),
+    "btx": dict(method="btx"),  # sources: the seed's per-domain branches
+}
+SECOND_SEED = ("naive", "drop-0.5")  # re-run with seed + 1 to size the seed-to-seed noise
+
+
+@dataclass
+class Preset:
+    name: str
+    scale: DemoScale
+    branch_steps: int  # btx: steps of each single-domain branch of the seed
+    save_interval: int  # MoE checkpoints for the evaluation curves
+    eval_tokens: int  # validation tokens per domain read by each evaluation
+    device: str = "cpu"
+    num_experts: int = 8
+    top_k: int = 2
+    methods: tuple[str, ...] = tuple(METHODS)
+    note: str = ""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.scale.global_batch * self.scale.seq_len
+
+    def validate(self) -> None:
+        s = self.scale
+        problems = []
+        if s.global_batch % s.micro_batch:
+            problems.append(f"micro_batch {s.micro_batch} does not divide global_batch {s.global_batch}")
+        if s.hidden % s.heads or s.heads % s.kv_heads:
+            problems.append("heads must divide hidden and kv_heads must divide heads")
+        for k in ("dense_steps", "moe_steps", "corpus_mb", "eval_batches", "dense_lr", "moe_lr"):
+            if not getattr(s, k) > 0:
+                problems.append(f"{k} must be positive")
+        if not (0 < self.save_interval <= s.moe_steps and self.branch_steps > 0 and self.eval_tokens > 1):
+            problems.append("save_interval must lie in 1..moe_steps; branch_steps and eval_tokens positive")
+        if not 1 <= self.top_k <= self.num_experts:
+            problems.append("top_k must lie in 1..num_experts")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not set(SECOND_SEED) <= set(self.methods):
+            problems.append(f"methods must be among {', '.join(METHODS)} and include {', '.join(SECOND_SEED)}")
+        if problems:
+            raise UserError(f"preset {self.name}: " + "; ".join(problems))
+
+    @property
+    def keep_last(self) -> int:
+        return s_div_ceil(self.scale.moe_steps, self.save_interval) + 1
+
+
+def s_div_ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# The presets. The H200 budgets follow benchmarks/RESULTS.md's trainer speed for moe-8x152m,
+# ~300k tokens/s (taken as the MoE speed of these smaller shapes too: a conservative bound); a
+# dense step of the same shape costs about half an MoE top-2 step (its FFN is half the active one).
+# A study trains: the seed (dense), 3 btx branches (dense), dense-continued (dense, MoE tokens),
+# 7 MoE methods + 2 second-seed MoEs = 9 MoE runs. In MoE-equivalent tokens:
+#   seed/2 + 3*branch/2 + moe/2 + 9*moe.
+PRESETS = {
+    # Whole study in < 60 s on 2 CPU cores, for the tests; every method is kept.
+    "cpu-tiny": Preset("cpu-tiny", DemoScale(
+        corpus_mb=0.1, vocab_size=320, hidden=32, d_f=64, layers=2, heads=2, kv_heads=1, seq_len=32,
+        global_batch=8, micro_batch=8, dense_steps=20, moe_steps=12, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=6, eval_batches=1), branch_steps=4, save_interval=4, eval_tokens=1024,
+        note="shapes for the tests only; numbers mean nothing"),
+    # 9.5 min wall: ~90 s for data, compilation, evaluation and analysis leaves ~480 s of training,
+    # 480 s * 300k tok/s = 144M MoE-equivalent tokens. 64 x 1024 = 65,536 tokens/step;
+    # seed 460 steps (30.1M), branches 60 steps (3.9M each), MoE 180 steps (11.8M each):
+    # 30.1/2 + 3*3.9/2 + 11.8/2 + 9*11.8 = 133M ~ 445 s. Corpus 4 MB/domain: >= 1M tokens each.
+    "h200-10min": Preset("h200-10min", DemoScale(
+        corpus_mb=4.0, vocab_size=8192, hidden=512, d_f=1536, layers=8, heads=8, kv_heads=4, seq_len=1024,
+        global_batch=64, micro_batch=32, dense_steps=460, moe_steps=180, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=30, eval_batches=8), branch_steps=60, save_interval=30, eval_tokens=200_000,
+        device="cuda", note="untested on the GPU in this slice"),
+    # 1 h: ~3300 s of training * 300k = 990M MoE-equivalent tokens. 128 x 1024 = 131,072 tokens/step;
+    # seed 1530 steps (200M), branches 230 (30M each), MoE 690 (90M each):
+    # 200/2 + 3*30/2 + 90/2 + 9*90 = 1000M ~ 3330 s. Corpus 16 MB/domain where the machine has it.
+    "h200-1h": Preset("h200-1h", DemoScale(
+        corpus_mb=16.0, vocab_size=16384, hidden=768, d_f=2048, layers=12, heads=12, kv_heads=4, seq_len=1024,
+        global_batch=128, micro_batch=32, dense_steps=1530, moe_steps=690, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=69, eval_batches=8), branch_steps=230, save_interval=69, eval_tokens=500_000,
+        device="cuda", note="untested on the GPU in this slice"),
+}
+
+
+def with_overrides(preset: Preset, sets: list[str]) -> Preset:
+    """``--set key=value``: a Preset or DemoScale field, converted to the field's type."""
+    scale, top = {}, {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set moe_steps=100")
+        target = scale if key in DemoScale.__dataclass_fields__ else top
+        obj = preset.scale if target is scale else preset
+        if key not in type(obj).__dataclass_fields__ or key in ("name", "scale", "methods"):
+            raise UserError(f"--set {key}: unknown key; choose a field of the preset table (src/dropup/repro.py)")
+        cur = getattr(obj, key)
+        try:
+            target[key] = type(cur)(value)
+        except ValueError:
+            raise UserError(f"--set {item}: {value!r} is not a {type(cur).__name__}") from None
+    out = dataclasses.replace(preset, scale=dataclasses.replace(preset.scale, **scale), **top)
+    out.validate()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts: pure functions of the numbers. Each returns (verdict, reason).
+
+HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
+
+
+def _order_verdict(values: dict[str, float], order: list[str], spread: float, what: str) -> tuple[str, str]:
+    """``order`` should be ascending in ``values``; a step smaller than the spread is noise."""
+    pairs = list(zip(order, order[1:]))
+    gaps = {(a, b): values[b] - values[a] for a, b in pairs}
+    shown = ", ".join(f"{k}={values[k]:.4f}" for k in order)
+    if all(g > spread for g in gaps.values()):
+        return HELD, f"{what}: {shown} (every step > seed spread {spread:.4f})"
+    if any(g < -spread for g in gaps.values()):
+        bad = next(f"{a} >= {b}" for (a, b), g in gaps.items() if g < -spread)
+        return NOT_HELD, f"{what}: {shown}; {bad} beyond the seed spread {spread:.4f}"
+    return INCONCLUSIVE, f"{what}: {shown}; a difference is within the seed spread {spread:.4f}"
+
+
+def _lowest_verdict(values: dict[str, float], winners: list[str], spread: float, what: str) -> tuple[str, str]:
+    """Is the best of ``winners`` lower than every other entry, beyond the spread?"""
+    best_w = min(winners, key=values.__getitem__)
+    others = {k: v for k, v in values.items() if k not in winners}
+    best_o = min(others, key=others.__getitem__)
+    gap = others[best_o] - values[best_w]
+    shown = f"best of {'/'.join(winners)}: {best_w}={values[best_w]:.4f}; best other: {best_o}={others[best_o]:.4f}"
+    if gap > spread:
+        return HELD, f"{what}: {shown} (gap {gap:.4f} > seed spread {spread:.4f})"
+    if gap < -spread:
+        return NOT_HELD, f"{what}: {shown} (gap {gap:.4f}, beyond seed spread {spread:.4f})"
+    return INCONCLUSIVE, f"{what}: {shown} (gap {gap:.4f} within seed spread {spread:.4f})"
+
+
+def judge(m: dict) -> dict[str, tuple[str, str]]:
+    """The verdicts of C1-C8 from the measured numbers ``m``:
+    dense (mean val loss of the seed), start/early/end ({run: mean loss}: at step 0, the first saved
+    checkpoint, the end), spread/early_spread/start_spread (seed-to-seed), dense_continued (end),
+    moe_at_dense_flops ({run: loss at the dense run's training FLOPs}), jsd/dead ({run: number})."""
+    v = {}
+    s, d = m["start"], m["dense"]
+    tol = max(1e-3, 1e-4 * abs(d))
+    if abs(s["naive"] - d) > tol:
+        v["C1"] = (NOT_HELD, f"step 0: naive {s['naive']:.4f} differs from dense {d:.4f}")
+    else:
+        verdict, reason = _order_verdict({"dense": d, **s}, ["dense", "drop-0.5", "drop-1.0"], m["start_spread"],
+                                         "step 0")
+        v["C1"] = (verdict, f"naive {s['naive']:.4f} = dense; " + reason)
+    moe = {k: x for k, x in m["end"].items()}
+    v["C2"] = _lowest_verdict(m["early"], [k for k in ("naive", "btx") if k in m["early"]], m["early_spread"],
+                              "first checkpoint")
+    v["C3"] = _lowest_verdict(moe, ["drop-0.5"], m["spread"], "end")
+    v["C4"] = _order_verdict(moe, ["drop-0.5", "drop-1.0", "scratch"], m["spread"], "end")
+    worst = max(moe, key=moe.__getitem__)
+    gap = moe["scratch"] - max(x for k, x in moe.items() if k != "scratch")
+    v["C5"] = ((HELD if gap > m["spread"] else NOT_HELD if gap < -m["spread"] else INCONCLUSIVE),
+               f"end: scratch={moe['scratch']:.4f}, highest is {worst}={moe[worst]:.4f}; "
+               f"scratch minus the highest other {gap:.4f}, seed spread {m['spread']:.4f}")
+    jsd, dead = m["jsd"], m["dead"]
+    jsd_spread = m.get("jsd_spread", 0.0)
+    below = all(jsd["naive"] + jsd_spread < jsd[k] for k in ("drop-0.5", "scratch"))
+    above = all(jsd["naive"] > jsd[k] + jsd_spread for k in ("drop-0.5", "scratch"))
+    more_dead = all(dead["naive"] > dead[k] for k in ("drop-0.5", "scratch"))
+    shown = (f"JSD naive={jsd['naive']:.4f}, drop-0.5={jsd['drop-0.5']:.4f}, scratch={jsd['scratch']:.4f} "
+             f"(seed spread {jsd_spread:.4f}); dead experts naive={dead['naive']}, drop-0.5={dead['drop-0.5']}, "
+             f"scratch={dead['scratch']}")
+    v["C6"] = (HELD if below and more_dead else NOT_HELD if above else INCONCLUSIVE, shown)
+    a, b = moe["drop-0.5"], moe["drop-0.5-per-matrix"]
+    lower = "shared" if a < b else "per-matrix"
+    v["C7"] = ((INCONCLUSIVE, f"shared {a:.4f} vs per-matrix {b:.4f}: within seed spread {m['spread']:.4f}")
+               if abs(a - b) <= m["spread"] else
+               (HELD, f"{lower} ends lower: shared {a:.4f} vs per-matrix {b:.4f} (seed spread {m['spread']:.4f}); "
+                "the paper states no direction, 'held' means the two differ"))
+    dc = m["dense_continued"]
+    tok = {k: x - dc for k, x in moe.items() if k != "scratch"}
+    flo = {k: x - dc for k, x in m["moe_at_dense_flops"].items() if k != "scratch"}
+    beat_tok = all(g < -m["spread"] for g in tok.values())
+    beat_flo = all(g < -m["spread"] for g in flo.values())
+    lose = any(g > m["spread"] for g in list(tok.values()) + list(flo.values()))
+    v["C8"] = (HELD if beat_tok and beat_flo else NOT_HELD if lose else INCONCLUSIVE,
+               "MoE minus dense-continued at equal tokens: " + ", ".join(f"{k} {g:+.4f}" for k, g in tok.items())
+               + "; at equal training FLOPs: " + ", ".join(f"{k} {g:+.4f}" for k, g in flo.items())
+               + f" (seed spread {m['spread']:.4f})")
+    return v
+
+
+CLAIMS = {
+    "C1": "At step 0 naive upcycling equals the dense loss; r = 0.5 and r = 1.0 start above it, in that order.",
+    "C2": "Early in MoE training naive upcycling and BTX have the lowest validation loss.",
+    "C3": "At the end Drop-Upcycling r = 0.5 has the lowest mean validation loss (its curve crosses naive's).",
+    "C4": "r = 1.0 ends between r = 0.5 and from-scratch.",
+    "C5": "From-scratch ends last among the MoE methods.",
+    "C6": "Routing: naive's mean cross-domain JSD is far below Drop-Upcycling's and from-scratch's, "
+          "with many more dead experts (Figure 5).",
+    "C7": "Shared vs per-matrix index sets (unpublished): which ends lower, and how their routing differs.",
+    "C8": "Every upcycled MoE vs the dense seed trained on for the same tokens, at equal tokens and FLOPs.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases.
+
+class _Study:
+    def __init__(self, out: Path, preset: Preset, seed: int):
+        self.out, self.p, self.seed = out, preset, seed
+        (out / "phases").mkdir(parents=True, exist_ok=True)
+        self.ran: list[str] = []
+
+    def phase(self, name: str, outputs: list[Path], fn) -> dict:
+        """Run ``fn`` unless ``phases/name.json`` exists; an unfinished phase's outputs are removed first."""
+        marker = self.out / "phases" / f"{name}.json"
+        if marker.exists():
+            return json.loads(marker.read_text())
+        for o in outputs:
+            if o.is_dir():
+                shutil.rmtree(o)
+            elif o.exists():
+                o.unlink()
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        record = fn()
+        record["seconds"] = time.perf_counter() - t0
+        atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
+        self.ran.append(name)
+        return record
+
+    def train(self, name: str, init: Path, data: dict[str, Path], steps: int, lr: float, seed: int,
+              save: bool) -> dict:
+        s = self.p.scale
+        run = self.out / "runs" / name
+
+        def go():
+            run.parent.mkdir(parents=True, exist_ok=True)
+            final = _train(run, init, data, s, steps, lr, seed, save_interval=self.p.save_interval if save else 0,
+                           keep_last=self.p.keep_last if save else 1, device=self.p.device)
+            return {"run": str(run), "final": str(final), "tokens": steps * self.p.tokens_per_step}
+
+        r = self.phase(f"train-{name}", [run, run.with_suffix(".yaml")], go)
+        return r
+
+
+def _eval(model: Path, data: dict[str, Path], p: Preset, out: Path | None) -> list[dict]:
+    from dropup.analysis.evaluate import EvalOptions, evaluate
+
+    rep = evaluate(EvalOptions([str(model)], [str(x) for x in data.values()], tokens=p.eval_tokens,
+                               seq_len=p.scale.seq_len, batch_size=p.scale.micro_batch, device=p.device,
+                               dtype="float32", out=str(out) if out else None, progress=False))
+    return [{"step": m["step"] or 0, "tokens": (m["step"] or 0) * p.tokens_per_step,
+             "loss": {d: x["loss"] for d, x in m["datasets"].items()}, "mean": m["macro"]["loss"]}
+            for m in rep["models"]]
+
+
+def _flops_per_token(cfg, top_k: int, num_experts: int | None) -> float:
+    """6 x active parameters (the usual training estimate): attention, embeddings and top-k FFNs."""
+    h, L, f, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    attn = L * (2 * h * h + 2 * h * kv)
+    ffn = L * 3 * h * f * (top_k if num_experts else 1)
+    return 6.0 * (attn + ffn + 2 * v * h)
+
+
+def _interp(curve: list[dict], tokens: float) -> float:
+    """Mean loss at ``tokens``, linear in log tokens between saved checkpoints (clamped at the ends)."""
+    pts = [(c["tokens"], c["mean"]) for c in curve if c["tokens"] > 0]
+    if tokens <= pts[0][0]:
+        return pts[0][1]
+    for (t0, y0), (t1, y1) in zip(pts, pts[1:]):
+        if tokens <= t1:
+            w = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return y0 + w * (y1 - y0)
+    return pts[-1][1]
+
+
+def _prepare_out(out: Path, resume: bool, preset: Preset, seed: int) -> None:
+    record = {"preset": asdict(preset), "seed": seed}
+    stamp = out / "repro.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise UserError(f"{out} is not empty; pass --resume to continue that study or choose another --out")
+        if not stamp.exists():
+            raise UserError(f"{out} holds no dropup repro study (no repro.json); choose another --out")
+        if json.loads(stamp.read_text()) != json.loads(json.dumps(record)):
+            raise UserError(f"{out} was started with another preset, --set or seed; resume it with the same ones")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(record, indent=1) + "\n")
+
+
+def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, sets: list[str] | None = None,
+              seed: int = 0, command: str = "") -> dict:
+    from dropup.convert.upcycle import upcycle
+    from dropup.model.io import load_config
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
+    p = with_overrides(PRESETS[preset], sets or [])
+    p.validate()
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"preset {p.name} needs a CUDA GPU; use --preset cpu-tiny or --set device=cpu")
+    out = Path(out)
+    _prepare_out(out, resume, p, seed)
+    st = _Study(out, p, seed)
+    s = p.scale
+    t_start = time.perf_counter()
+
+    rec = st.phase("data", [out / "corpus", out / "tokenizer", out / "data"],
+                   lambda: {"data": {d: str(x) for d, x in _build_data(out, s, seed).items()}})
+    data = {d: Path(x) for d, x in rec["data"].items()}
+    vocab = json.loads((next(iter(data.values())) / "meta.json").read_text())["vocab_size"]
+    rec = st.phase("dense-init", [out / "dense-init"], lambda: {"path": str(_dense_init(out / "dense-init", s, vocab, seed))})
+    dense = Path(st.train("seed", Path(rec["path"]), data, s.dense_steps, s.dense_lr, seed, save=False)["final"])
+
+    runs: dict[str, dict] = {}  # name -> {"init", "run"}
+    branches = []
+    if "btx" in p.methods:
+        for d in data:
+            branches.append(Path(st.train(f"branch-{d}", dense, {d: data[d]}, p.branch_steps, s.moe_lr, seed,
+                                          save=False)["final"]))
+    jobs = [(m, seed, m) for m in p.methods] + [(m, seed + 1, f"{m}-s{seed + 1}") for m in SECOND_SEED]
+    for method, sd, name in jobs:
+        init = out / "inits" / name
+        opts = dict(METHODS[method])
+        src = dense
+        if method == "btx":
+            src, opts["sources"] = branches[0], [str(b) for b in branches[1:]]
+        st.phase(f"upcycle-{name}", [init], lambda: {"upcycling": upcycle(
+            src, init, num_experts=p.num_experts, top_k=p.top_k, seed=sd, progress=False, **opts)["method"]})
+        r = st.train(name, init, data, s.moe_steps, s.moe_lr, sd, save=True)
+        runs[name] = {"init": init, "run": Path(r["run"]), "tokens": r["tokens"]}
+    # The seed trained on for the MoEs' tokens, in the same data order.
+    r = st.train("dense-continued", dense, data, s.moe_steps, s.moe_lr, seed, save=True)
+    runs["dense-continued"] = {"init": dense, "run": Path(r["run"]), "tokens": r["tokens"]}
+
+    evals = {"dense": st.phase("eval-dense", [], lambda: {"curve": _eval(dense, data, p, None)})["curve"][0]}
+    curves = {}
+    for name, r in runs.items():
+        e = st.phase(f"eval-{name}", [out / "eval" / name], lambda: {
+            "start": _eval(r["init"], data, p, None)[0], "curve": _eval(r["run"], data, p, out / "eval" / name)})
+        curves[name] = [e["start"], *e["curve"]]
+
+    moes = [n for n in runs if n != "dense-continued"]
+    routing = st.phase("routing", [out / "routing"], lambda: _routing(out, p, data, runs, moes))
+
+    # Numbers and verdicts.
+    start = {n: curves[n][0]["mean"] for n in moes}
+    early = {n: curves[n][1]["mean"] for n in p.methods}
+    end = {n: curves[n][-1]["mean"] for n in p.methods}
+    pairs = [(m, f"{m}-s{seed + 1}") for m in SECOND_SEED]
+    spread = max(abs(curves[a][-1]["mean"] - curves[b][-1]["mean"]) for a, b in pairs)
+    early_spread = max(abs(curves[a][1]["mean"] - curves[b][1]["mean"]) for a, b in pairs)
+    start_spread = max(abs(curves[a][0]["mean"] - curves[b][0]["mean"]) for a, b in pairs)
+    jsd_spread = max(abs(routing["mean_jsd"][a] - routing["mean_jsd"][b]) for a, b in pairs)
+    dense_cfg, moe_cfg = load_config(dense), load_config(runs["naive"]["init"])
+    ratio = _flops_per_token(dense_cfg, p.top_k, None) / _flops_per_token(moe_cfg, p.top_k, p.num_experts)
+    dc_tokens = runs["dense-continued"]["tokens"]
+    at_flops = {n: _interp(curves[n], dc_tokens * ratio) for n in p.methods}
+    numbers = {"dense": evals["dense"]["mean"], "start": start, "early": early, "end": end, "spread": spread,
+               "early_spread": early_spread, "start_spread": start_spread, "jsd": routing["mean_jsd"],
+               "dead": routing["dead_experts"], "jsd_spread": jsd_spread,
+               "dense_continued": curves["dense-continued"][-1]["mean"], "moe_at_dense_flops": at_flops,
+               "dense_to_moe_flops_per_token": ratio}
+    crossing = next((c["tokens"] for c, n in zip(curves["drop-0.5"], curves["naive"])
+                     if c["tokens"] > 0 and c["mean"] < n["mean"]), None)
+    verdicts = judge(numbers)
+    phases = {f.stem: json.loads(f.read_text()) for f in sorted((out / "phases").glob("*.json"))}
+    results = {"preset": asdict(p), "seed": seed, "command": command, "numbers": numbers, "curves": curves,
+               "crossing_tokens": crossing, "verdicts": {k: {"verdict": a, "reason": b} for k, (a, b) in verdicts.items()},
+               "phase_seconds": {k: v["seconds"] for k, v in phases.items()},
+               "throughput": {k.removeprefix("train-"): v["tokens"] / v["seconds"] for k, v in phases.items()
+                              if k.startswith("train-")},
+               "routing_table": routing["table"], "environment": _environment(),
+               "phases_run_now": st.ran, "seconds_now": time.perf_counter() - t_start}
+    _figures(out, curves, list(data))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "report.md", format_report(results))
+    print(f"wrote {out / 'report.md'}")
+    for k, (a, b) in verdicts.items():
+        print(f"{k}: {a}: {b}")
+    return results
+
+
+def _routing(out: Path, p: Preset, data: dict[str, Path], runs: dict, moes: list[str]) -> dict:
+    from dropup.analysis.specialisation import RoutingOptions, analyze_routing, comparison_table
+    from dropup.data.tokens import TokenFile
+
+    tokens = min(p.eval_tokens, *(len(TokenFile(x, "val").tokens) for x in data.values()))
+    res = analyze_routing(RoutingOptions([str(runs[n]["run"]) for n in moes], [str(x) for x in data.values()],
+                                         str(out / "routing"), tokens=tokens, seq_len=p.scale.seq_len,
+                                         batch_size=p.scale.micro_batch, device=p.device, overwrite=True))
+    return {"tokens": tokens, "mean_jsd": {n: m["mean_jsd"] for n, m in zip(moes, res["models"])},
+            "dead_experts": {n: m["dead_total"] for n, m in zip(moes, res["models"])},
+            "table": comparison_table(res)}
+
+
+def _environment() -> dict:
+    import transformers
+
+    from dropup._version import __version__
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "dropup": __version__, "cpu": platform.processor(),
+           "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _figures(out: Path, curves: dict[str, list[dict]], domains: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [*domains, "mean"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for name, c in curves.items():
+            pts = [(x["tokens"], x["mean"] if k == "mean" else x["loss"][k]) for x in c if x["tokens"] > 0]
+            ax.plot(*zip(*pts), marker=".", label=name, linestyle="--" if name.endswith("-s1") else "-")
+        ax.set_xscale("log")
+        ax.set_title(k)
+        ax.set_xlabel("tokens")
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "loss_per_domain.png", dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    base = {x["tokens"]: x["mean"] for x in curves["naive"]}
+    for name, c in curves.items():
+        pts = [(x["tokens"], x["mean"] - base[x["tokens"]]) for x in c if x["tokens"] in base and x["tokens"] > 0]
+        if name != "naive" and pts:
+            ax.plot(*zip(*pts), marker=".", label=name)
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("mean val loss minus naive")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "diff_to_naive.png", dpi=80)
+    plt.close(fig)
+
+
+def format_report(r: dict) -> str:
+    n = r["numbers"]
+    lines = [f"# dropup repro: preset {r['preset']['name']}", "",
+             f"Command: `{r['command']}`", "", "Numbers are mean validation loss over the domains (nats/token); "
+             "the seed spread is the largest |seed 0 - seed 1| difference of naive and drop-0.5.", "",
+             "![loss per domain](loss_per_domain.png)", "", "![difference to naive](diff_to_naive.png)", "",
+             "Routing: [routing/report.md](routing/report.md) (Figure 5 grid and JSD per layer are there).", ""]
+    for k, text in CLAIMS.items():
+        v = r["verdicts"][k]
+        lines += [f"## {k}", "", f"Paper: {text}", "", f"Measured: {v['reason']}", "", f"Verdict: **{v['verdict']}**", ""]
+        if k == "C3":
+            lines += [f"drop-0.5 first below naive at tokens: {r['crossing_tokens']}", ""]
+    lines += ["## All numbers", "", "| run | step 0 | first ckpt | end |", "|---|---|---|---|"]
+    for name, c in r["curves"].items():
+        lines.append(f"| {name} | {c[0]['mean']:.4f} | {c[1]['mean']:.4f} | {c[-1]['mean']:.4f} |")
+    lines += ["", f"Dense seed: {n['dense']:.4f}; seed spread at end {n['spread']:.4f}.", "",
+              "## Routing of the final MoEs", "", r["routing_table"], "", "## Phases (seconds, training tokens/s)", "",
+              "| phase | seconds | tokens/s |", "|---|---|---|"]
+    for k, sec in r["phase_seconds"].items():
+        tps = r["throughput"].get(k.removeprefix("train-"))
+        lines.append(f"| {k} | {sec:.1f} | {'' if tps is None or not k.startswith('train-') else f'{tps:,.0f}'} |")
+    lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in r["environment"].items()] + [""]
+    return "\n".join(lines)
