@@ -486,7 +486,9 @@ def format_report(r: dict) -> str:
              f"Command: `{r['command']}`", "", "Numbers are mean validation loss over the domains (nats/token); "
              "the seed spread is the largest |seed 0 - seed 1| difference of naive and drop-0.5.", "",
              "![loss per domain](loss_per_domain.png)", "", "![difference to naive](diff_to_naive.png)", "",
-             "Routing: [routing/report.md](routing/report.md) (Figure 5 grid and JSD per layer are there).", ""]
+             "Routing of the final MoEs ([routing/report.md](routing/report.md)): the Figure 5 grid",
+             "", "![routing grid](routing/shares.png)", "", "and the cross-domain JSD per layer", "",
+             "![JSD per layer](routing/jsd.png)", ""]
     for k, text in CLAIMS.items():
         v = r["verdicts"][k]
         lines += [f"## {k}", "", f"Paper: {text}", "", f"Measured: {v['reason']}", "", f"Verdict: **{v['verdict']}**", ""]
