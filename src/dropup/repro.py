@@ -401,9 +401,13 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     crossing = next((c["tokens"] for c, n in zip(curves["drop-0.5"], curves["naive"])
                      if c["tokens"] > 0 and c["mean"] < n["mean"]), None)
     verdicts = judge(numbers)
+    # Equal-weight mixture: each domain gets 1/len(data) of a run's tokens.
+    train_tokens = {d: json.loads((x / "meta.json").read_text())["splits"]["train"]["tokens"] for d, x in data.items()}
+    epochs = {phase: {d: steps * p.tokens_per_step / len(data) / n for d, n in train_tokens.items()}
+              for phase, steps in (("seed", s.dense_steps), ("moe", s.moe_steps))}
     phases = {f.stem: json.loads(f.read_text()) for f in sorted((out / "phases").glob("*.json"))}
     results = {"preset": asdict(p), "seed": seed, "command": command, "numbers": numbers, "curves": curves,
-               "crossing_tokens": crossing, "verdicts": {k: {"verdict": a, "reason": b} for k, (a, b) in verdicts.items()},
+               "crossing_tokens": crossing, "epochs": epochs, "verdicts": {k: {"verdict": a, "reason": b} for k, (a, b) in verdicts.items()},
                "phase_seconds": {k: v["seconds"] for k, v in phases.items()},
                "throughput": {k.removeprefix("train-"): v["tokens"] / v["seconds"] for k, v in phases.items()
                               if k.startswith("train-")},
@@ -503,5 +507,7 @@ def format_report(r: dict) -> str:
     for k, sec in r["phase_seconds"].items():
         tps = r["throughput"].get(k.removeprefix("train-"))
         lines.append(f"| {k} | {sec:.1f} | {'' if tps is None or not k.startswith('train-') else f'{tps:,.0f}'} |")
+    lines += ["", "Epochs over each domain's training split: " + "; ".join(
+        f"{ph}: " + ", ".join(f"{d} {e:.2f}" for d, e in v.items()) for ph, v in r["epochs"].items())]
     lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in r["environment"].items()] + [""]
     return "\n".join(lines)
