@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import yaml
 
-from dropup.data.tokens import TokenFile
+from dropup.data.tokens import TokenFile, tokenizer_dir
 from dropup.errors import UserError
 from dropup.hub.atomic import Existing, atomic_dir
 from dropup.options import Precision, check_choices, check_ranges, ranged
@@ -68,12 +68,11 @@ def _dataset_tokenizer(path: Path, meta: dict):
     dataset directory (``data prepare`` saves it there)."""
     from dropup.data.prepare import load_tokenizer
 
-    info = meta.get("tokenizer")
-    rel = info.get("path") if isinstance(info, dict) else None
-    if not rel or not (path / rel).is_dir():
+    tdir = tokenizer_dir(path, meta)
+    if tdir is None:
         raise UserError(f"dataset {path} has no tokenizer directory (meta.json tokenizer.path); "
                         "lm-eval tasks need the text, so prepare the data with `dropup data prepare`")
-    return load_tokenizer(path / rel)
+    return load_tokenizer(tdir)
 
 
 def _documents(file: TokenFile, max_docs: int | None):

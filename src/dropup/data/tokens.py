@@ -273,6 +273,16 @@ class TokenFile:
 TOKEN_BYTES = "token_bytes.npy"
 
 
+def tokenizer_dir(path: str | os.PathLike, meta: dict) -> Path | None:
+    """The directory of the tokenizer the dataset was made with (meta.json ``tokenizer.path``,
+    relative to the dataset; ``data prepare`` saves it there), or None when it names none."""
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("path"), str) or not tok["path"]:
+        return None
+    tdir = Path(path) / tok["path"]
+    return tdir if tdir.is_dir() else None
+
+
 def dataset_token_bytes(path: str | os.PathLike, meta: dict) -> np.ndarray | None:
     """See ``TokenFile.token_bytes``."""
     path = Path(path)
@@ -284,11 +294,8 @@ def dataset_token_bytes(path: str | os.PathLike, meta: dict) -> np.ndarray | Non
                             f"byte length of each of the {meta['vocab_size']} token ids; re-create the "
                             "dataset with `dropup data prepare`")
         return table
-    tok = meta.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
-        return None
-    tdir = path / tok["path"]
-    if not (tdir / "tokenizer.json").is_file():
+    tdir = tokenizer_dir(path, meta)
+    if tdir is None or not (tdir / "tokenizer.json").is_file():
         return None
     from transformers import AutoTokenizer
 
