@@ -280,11 +280,12 @@ def summarise(counts: RoutingCounts, layers: list[int], vocab_layers: list[int])
     frac = lambda x: np.divide(x.cpu().numpy(), pairs, out=np.zeros(x.shape), where=pairs > 0)  # noqa: E731
     base = repetition_baselines(rank1, shares, k)
     vocab = [vocab_specialisation(counts.vocab[layers.index(l)].cpu().numpy()) for l in vocab_layers]
+    jsd = [js_divergence(s) for s in shares]
     return {
         "num_experts": E, "top_k": k, "layers": layers,
         "counts": c.tolist(), "shares": shares.tolist(), "rank1_shares": rank1.tolist(),
-        "jsd": [js_divergence(s) for s in shares],
-        "mean_jsd": float(np.mean([js_divergence(s) for s in shares])),
+        "jsd": jsd,
+        "mean_jsd": float(np.mean(jsd)),
         "dead": dead.tolist(), "dead_count": dead.sum(-1).tolist(), "dead_total": int(dead.sum()),
         "concentration": concentration(shares, k).tolist(), "entropy": normalised_entropy(shares).tolist(),
         "max_mean": max_mean(shares).tolist(), "jain": jain_index(shares).tolist(),
