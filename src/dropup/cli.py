@@ -149,12 +149,14 @@ def _run_demo(a: argparse.Namespace) -> int:
 
 def _repro_parser(sub) -> None:
     p = sub.add_parser("repro", help="the paper's claims C1-C8 measured end to end (issue 14)")
-    p.add_argument("--preset", default="cpu-tiny", help="cpu-tiny, h200-10min or h200-1h (src/dropup/repro.py)")
+    p.add_argument("--preset", default="cpu-tiny", help="a name from the presets table in src/dropup/repro.py (an unknown name lists them)")
     p.add_argument("--out", required=True, help="directory for the study's phases, models and report.md")
     p.add_argument("--resume", action="store_true", help="continue a study in OUT, skipping finished phases")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. --set moe_steps=100 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="the study's seed (the second seed is SEED + 1)")
+    p.add_argument("--seed-model", metavar="PATH", help="start every MoE from this dense Hugging Face "
+                   "checkpoint (and tokenize with its tokenizer) instead of a dense seed trained here")
 
 
 def _run_repro(a: argparse.Namespace) -> int:
@@ -163,7 +165,7 @@ def _run_repro(a: argparse.Namespace) -> int:
 
     from dropup.repro import run_repro
 
-    run_repro(a.out, a.preset, resume=a.resume, sets=a.sets, seed=a.seed,
+    run_repro(a.out, a.preset, resume=a.resume, sets=a.sets, seed=a.seed, seed_model=a.seed_model,
               command=shlex.join(["dropup", *sys.argv[1:]]))
     return 0
 

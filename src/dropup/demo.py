@@ -18,43 +18,22 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from dropup.errors import UserError
+from dropup.pipeline import Scale, build_data, dense_init, evaluate_models, fit_eval, routing_summary, train_run
 
 DOMAINS = ("code", "prose", "c")
 MOE_RUNS = {"naive": dict(method="naive"), "drop-0.5": dict(method="drop", ratio=0.5)}
 
 
-@dataclass
-class DemoScale:
-    corpus_mb: float  # text per domain
-    vocab_size: int
-    hidden: int
-    d_f: int
-    layers: int
-    heads: int
-    kv_heads: int
-    seq_len: int
-    global_batch: int
-    micro_batch: int
-    dense_steps: int
-    moe_steps: int
-    dense_lr: float
-    moe_lr: float
-    eval_interval: int
-    eval_batches: int
-    val_fraction: float = 0.05
-
-
-FULL = DemoScale(corpus_mb=3.0, vocab_size=2048, hidden=128, d_f=512, layers=4, heads=4, kv_heads=2,
+FULL = Scale(corpus_mb=3.0, vocab_size=2048, hidden=128, d_f=512, layers=4, heads=4, kv_heads=2,
                  seq_len=128, global_batch=16, micro_batch=16, dense_steps=500, moe_steps=350,
                  dense_lr=3e-3, moe_lr=1e-3, eval_interval=25, eval_batches=4)
-TINY = DemoScale(corpus_mb=0.15, vocab_size=384, hidden=32, d_f=64, layers=2, heads=2, kv_heads=1,
+TINY = Scale(corpus_mb=0.15, vocab_size=384, hidden=32, d_f=64, layers=2, heads=2, kv_heads=1,
                  seq_len=32, global_batch=8, micro_batch=8, dense_steps=30, moe_steps=20,
                  dense_lr=3e-3, moe_lr=1e-3, eval_interval=10, eval_batches=2)
 
@@ -93,90 +72,10 @@ def _prepare_out(out: Path) -> None:
     (out / ".dropup-demo").touch()
 
 
-def _build_data(out: Path, s: DemoScale, seed: int) -> dict[str, Path]:
-    from dropup.data.corpus import CorpusOptions, build_corpus, format_report
-    from dropup.data.prepare import PrepareOptions, prepare, sample_documents, train_tokenizer
-    from dropup.data.readers import InputFile, ReadOptions
-
-    manifest = build_corpus(CorpusOptions(out=str(out / "corpus"), max_mb=s.corpus_mb, seed=seed))
-    print(format_report(manifest))
-    files = {d: out / "corpus" / f"{d}.jsonl" for d in DOMAINS if manifest["domains"][d]["docs"]}
-    # One tokenizer for every domain, trained on an equal-size sample of each.
-    sample = sample_documents([InputFile(p, "jsonl") for p in files.values()], ReadOptions(),
-                              int(s.corpus_mb * 1e6), seed)
-    train_tokenizer(sample, s.vocab_size, out / "tokenizer")
-    data = {}
-    for d, path in files.items():
-        meta = prepare(PrepareOptions(inputs=[str(path)], out=str(out / "data" / d), tokenizer=str(out / "tokenizer"),
-                                      domain=d, val_fraction=s.val_fraction, seed=seed, progress=False))
-        sp = meta["splits"]
-        print(f"{d:>6}: train {sp['train']['tokens']:,} tokens, val {sp.get('val', {}).get('tokens', 0):,} tokens")
-        data[d] = out / "data" / d
-    return data
-
-
-def _dense_init(path: Path, s: DemoScale, vocab: int, seed: int) -> Path:
-    from dropup.hub.config import ModelConfig
-    from dropup.model.io import save_model
-    from dropup.model.decoder import build_model
-    from dropup.train.config import PRESETS
-
-    hf = {**PRESETS["dense-tiny"], "hidden_size": s.hidden, "intermediate_size": s.d_f,
-          "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
-          "vocab_size": vocab, "max_position_embeddings": s.seq_len}
-    torch.manual_seed(seed)
-    save_model(build_model(ModelConfig.from_hf(hf), device="cpu", dtype=torch.float32, std=0.02), path)
-    return path
-
-
-def _train(run_dir: Path, init: Path, data: dict[str, Path], s: DemoScale, steps: int, lr: float, seed: int,
-           save_interval: int = 0, keep_last: int = 1, device: str = "cpu") -> Path:
-    """Train from ``init`` on the equal-weight mixture; returns the final Hugging Face checkpoint.
-    ``save_interval``/``keep_last`` keep intermediate checkpoints (``dropup repro``'s curves)."""
-    from dropup.train.loop import train
-    from dropup.train.config import load_config
-
-    cfg = {"model": {"init": str(init)},
-           "data": {"datasets": [{"path": str(p), "weight": 1.0, "name": d} for d, p in data.items()],
-                    "seq_len": s.seq_len, "eval_batches": s.eval_batches},
-           "batch": {"global_batch": s.global_batch, "micro_batch": s.micro_batch},
-           "steps": steps, "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)},
-           "seed": seed, "log_interval": max(1, s.eval_interval // 5), "eval_interval": s.eval_interval,
-           "save_interval": save_interval, "keep_last": keep_last, "out_dir": str(run_dir), "device": device}
-    cfg_path = run_dir.with_suffix(".yaml")
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    train(load_config(cfg_path))
-    return run_dir / "ckpt" / f"step_{steps}" / "model"
-
-
-@torch.no_grad()
-def evaluate(model_dir: Path, data: dict[str, Path], s: DemoScale) -> dict[str, float]:
-    """Mean next-token loss on the first ``eval_batches`` validation batches of each domain: the
-    batches ``dropup train`` evaluates on, so the numbers line up with its curves."""
-    from dropup.data.tokens import TokenFile, validation_batches
-    from dropup.model.io import load_model
-
-    model = load_model(model_dir, device="cpu", dtype=torch.float32).eval()
-    out = {}
-    for d, path in data.items():
-        batches = validation_batches(TokenFile(path, "val"), s.seq_len, s.micro_batch, s.eval_batches)
-        out[d] = sum(float(model(b[:, :-1], targets=b[:, 1:])) for b in batches) / len(batches)
-    return out
-
-
-def _routing(out: Path, data: dict[str, Path], s: DemoScale) -> dict:
-    """The paper's Figure 5 analysis of both trained MoEs, on as many validation tokens per domain
-    as the smallest domain has (at most the analysis's default)."""
-    from dropup.analysis.specialisation import RoutingOptions, analyze_routing, comparison_table
-    from dropup.data.tokens import TokenFile
-
-    tokens = min(200_000, *(len(TokenFile(p, "val").tokens) for p in data.values()))
-    result = analyze_routing(RoutingOptions([str(out / f"moe-{n}") for n in MOE_RUNS], [str(p) for p in data.values()],
-                                            str(out / "routing"), tokens=tokens, seq_len=s.seq_len,
-                                            batch_size=s.micro_batch, device="cpu", overwrite=True))
-    return {"tokens": tokens, "mean_jsd": {m["name"]: m["mean_jsd"] for m in result["models"]},
-            "dead_experts": {m["name"]: m["dead_total"] for m in result["models"]},
-            "table": comparison_table(result)}
+def evaluate(model_dir: Path, data: dict[str, Path], s: Scale) -> dict[str, float]:
+    """Validation loss per domain on the windows ``dropup train`` evaluates on (so the numbers
+    line up with its curves)."""
+    return evaluate_models([model_dir], data, s)[0]["loss"]
 
 
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
@@ -189,10 +88,11 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
     _prepare_out(out)
     clock = _Clock()
     with clock.stage("corpus, tokenizer and datasets"):
-        data = _build_data(out, s, seed)
+        data = build_data(out, s, seed)
+        s = fit_eval(s, data)
     vocab = json.loads((data[next(iter(data))] / "meta.json").read_text())["vocab_size"]
     with clock.stage("dense pretraining"):
-        dense = _train(out / "dense", _dense_init(out / "dense-init", s, vocab, seed), data, s,
+        dense = train_run(out / "dense", dense_init(out / "dense-init", s, vocab, seed), data, s,
                        s.dense_steps, s.dense_lr, seed)
     evals = {"dense": evaluate(dense, data, s)}
     for name, opts in MOE_RUNS.items():
@@ -200,7 +100,7 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
             init = out / f"moe-{name}-init"
             upcycle(dense, init, num_experts=8, top_k=2, seed=seed, progress=False, **opts)
             evals[f"{name} start"] = evaluate(init, data, s)
-            final = _train(out / f"moe-{name}", init, data, s, s.moe_steps, s.moe_lr, seed)
+            final = train_run(out / f"moe-{name}", init, data, s, s.moe_steps, s.moe_lr, seed)
             evals[f"{name} end"] = evaluate(final, data, s)
     results = {"scale": "tiny" if tiny else "full", "config": asdict(s), "seed": seed, "val_loss": evals,
                "tokens": {"dense": s.dense_steps * s.global_batch * s.seq_len,
@@ -212,7 +112,7 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0) -> dict:
             print(f"warning: non-finite validation loss for {name}: {v}")
     results["table"] = write_report(out, results, {n: out / f"moe-{n}" for n in MOE_RUNS}, out / "dense")
     with clock.stage("routing analysis"):
-        results["routing"] = _routing(out, data, s)
+        results["routing"] = routing_summary({n: out / f"moe-{n}" for n in MOE_RUNS}, data, s, out / "routing")
     results["stage_seconds"], results["total_seconds"] = clock.stages, clock.total
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print()

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dropup.demo import DemoScale, _build_data, _dense_init, _train
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text
+from dropup.pipeline import (Scale, build_data, dense_init, evaluate_models, fit_eval, routing_summary,
+                             steady_tokens_per_s, train_run, val_curve)
 
 # Upcycling options per method (dropup.convert.upcycle.UpcycleOptions' fields).
 METHODS = {
@@ -41,10 +42,9 @@ SECOND_SEED = ("naive", "drop-0.5")  # re-run with seed + 1 to size the seed-to-
 @dataclass
 class Preset:
     name: str
-    scale: DemoScale
+    scale: Scale
     branch_steps: int  # btx: steps of each single-domain branch of the seed
-    save_interval: int  # MoE checkpoints for the evaluation curves
-    eval_tokens: int  # validation tokens per domain read by each evaluation
+    routing_tokens: int  # validation tokens per domain for the routing analysis (at most the split)
     device: str = "cpu"
     num_experts: int = 8
     top_k: int = 2
@@ -53,7 +53,7 @@ class Preset:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.scale.global_batch * self.scale.seq_len
+        return self.scale.tokens_per_step
 
     def validate(self) -> None:
         s = self.scale
@@ -65,23 +65,20 @@ class Preset:
         for k in ("dense_steps", "moe_steps", "corpus_mb", "eval_batches", "dense_lr", "moe_lr"):
             if not getattr(s, k) > 0:
                 problems.append(f"{k} must be positive")
-        if not (0 < self.save_interval <= s.moe_steps and self.branch_steps > 0 and self.eval_tokens > 1):
-            problems.append("save_interval must lie in 1..moe_steps; branch_steps and eval_tokens positive")
+        # Curves: at least two evaluations during MoE training besides the one at its end.
+        if not (0 < s.eval_interval and 2 * s.eval_interval < s.moe_steps):
+            problems.append("eval_interval must be positive and below half of moe_steps")
+        if not (self.branch_steps > 0 and self.routing_tokens > 1):
+            problems.append("branch_steps and routing_tokens must be positive")
         if not 1 <= self.top_k <= self.num_experts:
             problems.append("top_k must lie in 1..num_experts")
+        if self.device not in ("cpu", "cuda"):
+            problems.append("device must be cpu or cuda")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not set(SECOND_SEED) <= set(self.methods):
             problems.append(f"methods must be among {', '.join(METHODS)} and include {', '.join(SECOND_SEED)}")
         if problems:
             raise UserError(f"preset {self.name}: " + "; ".join(problems))
-
-    @property
-    def keep_last(self) -> int:
-        return s_div_ceil(self.scale.moe_steps, self.save_interval) + 1
-
-
-def s_div_ceil(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # The presets. The H200 budgets follow benchmarks/RESULTS.md's trainer speed for moe-8x152m,
@@ -92,39 +89,39 @@ def s_div_ceil(a: int, b: int) -> int:
 #   seed/2 + 3*branch/2 + moe/2 + 9*moe.
 PRESETS = {
     # Whole study in < 60 s on 2 CPU cores, for the tests; every method is kept.
-    "cpu-tiny": Preset("cpu-tiny", DemoScale(
+    "cpu-tiny": Preset("cpu-tiny", Scale(
         corpus_mb=0.1, vocab_size=320, hidden=32, d_f=64, layers=2, heads=2, kv_heads=1, seq_len=32,
         global_batch=8, micro_batch=8, dense_steps=20, moe_steps=12, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=6, eval_batches=1), branch_steps=4, save_interval=4, eval_tokens=1024,
+        eval_interval=4, eval_batches=1), branch_steps=4, routing_tokens=1024,
         note="shapes for the tests only; numbers mean nothing"),
     # 9.5 min wall: ~90 s for data, compilation, evaluation and analysis leaves ~480 s of training,
     # 480 s * 300k tok/s = 144M MoE-equivalent tokens. 64 x 1024 = 65,536 tokens/step;
     # seed 460 steps (30.1M), branches 60 steps (3.9M each), MoE 180 steps (11.8M each):
     # 30.1/2 + 3*3.9/2 + 11.8/2 + 9*11.8 = 133M ~ 445 s. Corpus 4 MB/domain: >= 1M tokens each.
-    "h200-10min": Preset("h200-10min", DemoScale(
+    "h200-10min": Preset("h200-10min", Scale(
         corpus_mb=4.0, vocab_size=8192, hidden=512, d_f=1536, layers=8, heads=8, kv_heads=4, seq_len=1024,
         global_batch=64, micro_batch=32, dense_steps=460, moe_steps=180, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=30, eval_batches=8), branch_steps=60, save_interval=30, eval_tokens=200_000,
+        eval_interval=30, eval_batches=8), branch_steps=60, routing_tokens=200_000,
         device="cuda", note="untested on the GPU in this slice"),
     # 1 h: ~3300 s of training * 300k = 990M MoE-equivalent tokens. 128 x 1024 = 131,072 tokens/step;
     # seed 1530 steps (200M), branches 230 (30M each), MoE 690 (90M each):
     # 200/2 + 3*30/2 + 90/2 + 9*90 = 1000M ~ 3330 s. Corpus 16 MB/domain where the machine has it.
-    "h200-1h": Preset("h200-1h", DemoScale(
+    "h200-1h": Preset("h200-1h", Scale(
         corpus_mb=16.0, vocab_size=16384, hidden=768, d_f=2048, layers=12, heads=12, kv_heads=4, seq_len=1024,
         global_batch=128, micro_batch=32, dense_steps=1530, moe_steps=690, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=69, eval_batches=8), branch_steps=230, save_interval=69, eval_tokens=500_000,
+        eval_interval=69, eval_batches=8), branch_steps=230, routing_tokens=500_000,
         device="cuda", note="untested on the GPU in this slice"),
 }
 
 
 def with_overrides(preset: Preset, sets: list[str]) -> Preset:
-    """``--set key=value``: a Preset or DemoScale field, converted to the field's type."""
+    """``--set key=value``: a Preset or Scale field, converted to the field's type."""
     scale, top = {}, {}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set moe_steps=100")
-        target = scale if key in DemoScale.__dataclass_fields__ else top
+        target = scale if key in Scale.__dataclass_fields__ else top
         obj = preset.scale if target is scale else preset
         if key not in type(obj).__dataclass_fields__ or key in ("name", "scale", "methods"):
             raise UserError(f"--set {key}: unknown key; choose a field of the preset table (src/dropup/repro.py)")
@@ -263,30 +260,18 @@ class _Study:
         self.ran.append(name)
         return record
 
-    def train(self, name: str, init: Path, data: dict[str, Path], steps: int, lr: float, seed: int,
-              save: bool) -> dict:
-        s = self.p.scale
+    def train(self, name: str, init: Path, data: dict[str, Path], steps: int, lr: float, seed: int) -> dict:
+        """A training phase; its validation curve is the trainer's own evaluation every
+        eval_interval steps (the windows ``evaluate_models`` scores: see ``fit_eval``), so no
+        intermediate checkpoint is written."""
         run = self.out / "runs" / name
 
         def go():
-            run.parent.mkdir(parents=True, exist_ok=True)
-            final = _train(run, init, data, s, steps, lr, seed, save_interval=self.p.save_interval if save else 0,
-                           keep_last=self.p.keep_last if save else 1, device=self.p.device)
-            return {"run": str(run), "final": str(final), "tokens": steps * self.p.tokens_per_step}
+            final = train_run(run, init, data, self.p.scale, steps, lr, seed, device=self.p.device)
+            return {"run": str(run), "final": str(final), "tokens": steps * self.p.tokens_per_step,
+                    "steady_tokens_per_s": steady_tokens_per_s(run), "curve": val_curve(run)}
 
-        r = self.phase(f"train-{name}", [run, run.with_suffix(".yaml")], go)
-        return r
-
-
-def _eval(model: Path, data: dict[str, Path], p: Preset, out: Path | None) -> list[dict]:
-    from dropup.analysis.evaluate import EvalOptions, evaluate
-
-    rep = evaluate(EvalOptions([str(model)], [str(x) for x in data.values()], tokens=p.eval_tokens,
-                               seq_len=p.scale.seq_len, batch_size=p.scale.micro_batch, device=p.device,
-                               dtype="float32", out=str(out) if out else None, progress=False))
-    return [{"step": m["step"] or 0, "tokens": (m["step"] or 0) * p.tokens_per_step,
-             "loss": {d: x["loss"] for d, x in m["datasets"].items()}, "mean": m["macro"]["loss"]}
-            for m in rep["models"]]
+        return self.phase(f"train-{name}", [run, run.with_suffix(".yaml")], go)
 
 
 def _flops_per_token(cfg, top_k: int, num_experts: int | None) -> float:
@@ -299,7 +284,7 @@ def _flops_per_token(cfg, top_k: int, num_experts: int | None) -> float:
 
 
 def _interp(curve: list[dict], tokens: float) -> float:
-    """Mean loss at ``tokens``, linear in log tokens between saved checkpoints (clamped at the ends)."""
+    """Mean loss at ``tokens``, linear in log tokens between evaluations (clamped at the ends)."""
     pts = [(c["tokens"], c["mean"]) for c in curve if c["tokens"] > 0]
     if tokens <= pts[0][0]:
         return pts[0][1]
@@ -310,8 +295,7 @@ def _interp(curve: list[dict], tokens: float) -> float:
     return pts[-1][1]
 
 
-def _prepare_out(out: Path, resume: bool, preset: Preset, seed: int) -> None:
-    record = {"preset": asdict(preset), "seed": seed}
+def _prepare_out(out: Path, resume: bool, record: dict) -> None:
     stamp = out / "repro.json"
     if out.exists() and any(out.iterdir()):
         if not resume:
@@ -319,42 +303,63 @@ def _prepare_out(out: Path, resume: bool, preset: Preset, seed: int) -> None:
         if not stamp.exists():
             raise UserError(f"{out} holds no dropup repro study (no repro.json); choose another --out")
         if json.loads(stamp.read_text()) != json.loads(json.dumps(record)):
-            raise UserError(f"{out} was started with another preset, --set or seed; resume it with the same ones")
+            raise UserError(f"{out} was started with another preset, --set, --seed or --seed-model; "
+                            "resume it with the same ones")
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, json.dumps(record, indent=1) + "\n")
 
 
+def _check_seed_model(path: str) -> Path:
+    from dropup.model.io import load_config
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UserError(f"--seed-model {path}: not a Hugging Face checkpoint directory (no config.json)")
+    if not (p / "tokenizer.json").is_file():
+        raise UserError(f"--seed-model {path}: no tokenizer.json beside the model; the study tokenizes its "
+                        "corpus with the seed model's own tokenizer")
+    if load_config(p).is_moe:
+        raise UserError(f"--seed-model {path}: an MoE checkpoint; the study upcycles a dense model")
+    return p
+
+
 def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, sets: list[str] | None = None,
-              seed: int = 0, command: str = "") -> dict:
+              seed: int = 0, command: str = "", seed_model: str | None = None) -> dict:
     from dropup.convert.upcycle import upcycle
     from dropup.model.io import load_config
 
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
     p = with_overrides(PRESETS[preset], sets or [])
-    p.validate()
     if p.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"preset {p.name} needs a CUDA GPU; use --preset cpu-tiny or --set device=cpu")
+    user_seed = _check_seed_model(seed_model) if seed_model else None
     out = Path(out)
-    _prepare_out(out, resume, p, seed)
+    _prepare_out(out, resume, {"preset": asdict(p), "seed": seed,
+                               "seed_model": str(user_seed.resolve()) if user_seed else None})
     st = _Study(out, p, seed)
-    s = p.scale
     t_start = time.perf_counter()
 
-    rec = st.phase("data", [out / "corpus", out / "tokenizer", out / "data"],
-                   lambda: {"data": {d: str(x) for d, x in _build_data(out, s, seed).items()}})
+    rec = st.phase("data", [out / "corpus", out / "tokenizer", out / "data"], lambda: {"data": {
+        d: str(x) for d, x in build_data(out, p.scale, seed, tokenizer=user_seed).items()}})
     data = {d: Path(x) for d, x in rec["data"].items()}
-    vocab = json.loads((next(iter(data.values())) / "meta.json").read_text())["vocab_size"]
-    rec = st.phase("dense-init", [out / "dense-init"], lambda: {"path": str(_dense_init(out / "dense-init", s, vocab, seed))})
-    dense = Path(st.train("seed", Path(rec["path"]), data, s.dense_steps, s.dense_lr, seed, save=False)["final"])
+    s = fit_eval(p.scale, data)
+    st.p = p = dataclasses.replace(p, scale=s)
+    if user_seed is None:
+        vocab = json.loads((next(iter(data.values())) / "meta.json").read_text())["vocab_size"]
+        rec = st.phase("dense-init", [out / "dense-init"],
+                       lambda: {"path": str(dense_init(out / "dense-init", s, vocab, seed))})
+        seed_run = st.train("seed", Path(rec["path"]), data, s.dense_steps, s.dense_lr, seed)
+        dense = Path(seed_run["final"])
+    else:
+        dense = user_seed
 
-    runs: dict[str, dict] = {}  # name -> {"init", "run"}
+    runs: dict[str, dict] = {}  # name -> {init, phase record}
     branches = []
     if "btx" in p.methods:
         for d in data:
-            branches.append(Path(st.train(f"branch-{d}", dense, {d: data[d]}, p.branch_steps, s.moe_lr, seed,
-                                          save=False)["final"]))
+            branches.append(Path(st.train(f"branch-{d}", dense, {d: data[d]}, p.branch_steps, s.moe_lr, seed)["final"]))
     jobs = [(m, seed, m) for m in p.methods] + [(m, seed + 1, f"{m}-s{seed + 1}") for m in SECOND_SEED]
     for method, sd, name in jobs:
         init = out / "inits" / name
@@ -364,21 +369,23 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
             src, opts["sources"] = branches[0], [str(b) for b in branches[1:]]
         st.phase(f"upcycle-{name}", [init], lambda: {"upcycling": upcycle(
             src, init, num_experts=p.num_experts, top_k=p.top_k, seed=sd, progress=False, **opts)["method"]})
-        r = st.train(name, init, data, s.moe_steps, s.moe_lr, sd, save=True)
-        runs[name] = {"init": init, "run": Path(r["run"]), "tokens": r["tokens"]}
+        runs[name] = {"init": init, **st.train(name, init, data, s.moe_steps, s.moe_lr, sd)}
     # The seed trained on for the MoEs' tokens, in the same data order.
-    r = st.train("dense-continued", dense, data, s.moe_steps, s.moe_lr, seed, save=True)
-    runs["dense-continued"] = {"init": dense, "run": Path(r["run"]), "tokens": r["tokens"]}
+    runs["dense-continued"] = {"init": dense, **st.train("dense-continued", dense, data, s.moe_steps, s.moe_lr, seed)}
 
-    evals = {"dense": st.phase("eval-dense", [], lambda: {"curve": _eval(dense, data, p, None)})["curve"][0]}
+    dense_eval = st.phase("eval-dense", [], lambda: {"eval": evaluate_models([dense], data, s, p.device)[0]})["eval"]
     curves = {}
     for name, r in runs.items():
-        e = st.phase(f"eval-{name}", [out / "eval" / name], lambda: {
-            "start": _eval(r["init"], data, p, None)[0], "curve": _eval(r["run"], data, p, out / "eval" / name)})
-        curves[name] = [e["start"], *e["curve"]]
+        # Step 0 and the end in float32 by `dropup eval`; between them the trainer's evaluations.
+        e = st.phase(f"eval-{name}", [], lambda: {"evals": evaluate_models([r["init"], Path(r["final"])], data, s,
+                                                                           p.device)})
+        start, end = ({"step": step, "tokens": step * p.tokens_per_step, **x}
+                      for step, x in zip((0, s.moe_steps), e["evals"]))
+        curves[name] = [start, *(c for c in r["curve"] if c["step"] < s.moe_steps), end]
 
     moes = [n for n in runs if n != "dense-continued"]
-    routing = st.phase("routing", [out / "routing"], lambda: _routing(out, p, data, runs, moes))
+    routing = st.phase("routing", [out / "routing"], lambda: routing_summary(
+        {n: Path(runs[n]["final"]) for n in moes}, data, s, out / "routing", p.device, p.routing_tokens))
 
     # Numbers and verdicts.
     start = {n: curves[n][0]["mean"] for n in moes}
@@ -393,7 +400,7 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     ratio = _flops_per_token(dense_cfg, p.top_k, None) / _flops_per_token(moe_cfg, p.top_k, p.num_experts)
     dc_tokens = runs["dense-continued"]["tokens"]
     at_flops = {n: _interp(curves[n], dc_tokens * ratio) for n in p.methods}
-    numbers = {"dense": evals["dense"]["mean"], "start": start, "early": early, "end": end, "spread": spread,
+    numbers = {"dense": dense_eval["mean"], "start": start, "early": early, "end": end, "spread": spread,
                "early_spread": early_spread, "start_spread": start_spread, "jsd": routing["mean_jsd"],
                "dead": routing["dead_experts"], "jsd_spread": jsd_spread,
                "dense_continued": curves["dense-continued"][-1]["mean"], "moe_at_dense_flops": at_flops,
@@ -403,16 +410,19 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     verdicts = judge(numbers)
     # Equal-weight mixture: each domain gets 1/len(data) of a run's tokens.
     train_tokens = {d: json.loads((x / "meta.json").read_text())["splits"]["train"]["tokens"] for d, x in data.items()}
+    budgets = ([("seed", s.dense_steps)] if user_seed is None else []) + [("moe", s.moe_steps)]
     epochs = {phase: {d: steps * p.tokens_per_step / len(data) / n for d, n in train_tokens.items()}
-              for phase, steps in (("seed", s.dense_steps), ("moe", s.moe_steps))}
+              for phase, steps in budgets}
     phases = {f.stem: json.loads(f.read_text()) for f in sorted((out / "phases").glob("*.json"))}
-    results = {"preset": asdict(p), "seed": seed, "command": command, "numbers": numbers, "curves": curves,
-               "crossing_tokens": crossing, "epochs": epochs, "verdicts": {k: {"verdict": a, "reason": b} for k, (a, b) in verdicts.items()},
+    results = {"preset": asdict(p), "seed": seed, "seed_model": str(user_seed) if user_seed else None,
+               "command": command, "numbers": numbers, "curves": curves, "crossing_tokens": crossing,
+               "epochs": epochs, "verdicts": {k: {"verdict": a, "reason": b} for k, (a, b) in verdicts.items()},
                "phase_seconds": {k: v["seconds"] for k, v in phases.items()},
-               "throughput": {k.removeprefix("train-"): v["tokens"] / v["seconds"] for k, v in phases.items()
-                              if k.startswith("train-")},
-               "routing_table": routing["table"], "environment": _environment(),
-               "phases_run_now": st.ran, "seconds_now": time.perf_counter() - t_start}
+               "throughput": {k.removeprefix("train-"): {"phase": v["tokens"] / v["seconds"],
+                                                          "steady": v["steady_tokens_per_s"]}
+                              for k, v in phases.items() if k.startswith("train-")},
+               "routing_tokens": routing["tokens"], "routing_table": routing["table"],
+               "environment": _environment(), "phases_run_now": st.ran, "seconds_now": time.perf_counter() - t_start}
     _figures(out, curves, list(data))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "report.md", format_report(results))
@@ -420,19 +430,6 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     for k, (a, b) in verdicts.items():
         print(f"{k}: {a}: {b}")
     return results
-
-
-def _routing(out: Path, p: Preset, data: dict[str, Path], runs: dict, moes: list[str]) -> dict:
-    from dropup.analysis.specialisation import RoutingOptions, analyze_routing, comparison_table
-    from dropup.data.tokens import TokenFile
-
-    tokens = min(p.eval_tokens, *(len(TokenFile(x, "val").tokens) for x in data.values()))
-    res = analyze_routing(RoutingOptions([str(runs[n]["run"]) for n in moes], [str(x) for x in data.values()],
-                                         str(out / "routing"), tokens=tokens, seq_len=p.scale.seq_len,
-                                         batch_size=p.scale.micro_batch, device=p.device, overwrite=True))
-    return {"tokens": tokens, "mean_jsd": {n: m["mean_jsd"] for n, m in zip(moes, res["models"])},
-            "dead_experts": {n: m["dead_total"] for n, m in zip(moes, res["models"])},
-            "table": comparison_table(res)}
 
 
 def _environment() -> dict:
@@ -486,9 +483,12 @@ def _figures(out: Path, curves: dict[str, list[dict]], domains: list[str]) -> No
 
 def format_report(r: dict) -> str:
     n = r["numbers"]
+    seed = f"the dense model {r['seed_model']}" if r["seed_model"] else "a dense seed trained here"
     lines = [f"# dropup repro: preset {r['preset']['name']}", "",
-             f"Command: `{r['command']}`", "", "Numbers are mean validation loss over the domains (nats/token); "
-             "the seed spread is the largest |seed 0 - seed 1| difference of naive and drop-0.5.", "",
+             f"Command: `{r['command']}`", "", f"Every MoE starts from {seed}.", "", "Numbers are mean validation loss over the domains (nats/token), the "
+             "same windows of each domain's validation split at every point: step 0 and the end by `dropup eval` "
+             "(float32), the points between by the trainer's own evaluation (bf16 autocast on a GPU). The seed "
+             "spread is the largest |seed 0 - seed 1| difference of naive and drop-0.5.", "",
              "![loss per domain](loss_per_domain.png)", "", "![difference to naive](diff_to_naive.png)", "",
              "Routing of the final MoEs ([routing/report.md](routing/report.md)): the Figure 5 grid",
              "", "![routing grid](routing/shares.png)", "", "and the cross-domain JSD per layer", "",
@@ -498,15 +498,22 @@ def format_report(r: dict) -> str:
         lines += [f"## {k}", "", f"Paper: {text}", "", f"Measured: {v['reason']}", "", f"Verdict: **{v['verdict']}**", ""]
         if k == "C3":
             lines += [f"drop-0.5 first below naive at tokens: {r['crossing_tokens']}", ""]
-    lines += ["## All numbers", "", "| run | step 0 | first ckpt | end |", "|---|---|---|---|"]
+    first = next(iter(r["curves"].values()))[1]["tokens"]
+    lines += ["## All numbers", "", f"| run | step 0 | first evaluation ({first:,} tokens) | end |", "|---|---|---|---|"]
     for name, c in r["curves"].items():
         lines.append(f"| {name} | {c[0]['mean']:.4f} | {c[1]['mean']:.4f} | {c[-1]['mean']:.4f} |")
     lines += ["", f"Dense seed: {n['dense']:.4f}; seed spread at end {n['spread']:.4f}.", "",
-              "## Routing of the final MoEs", "", r["routing_table"], "", "## Phases (seconds, training tokens/s)", "",
-              "| phase | seconds | tokens/s |", "|---|---|---|"]
+              "## Routing of the final MoEs", "", f"On {r['routing_tokens']:,} validation tokens per domain.", "",
+              r["routing_table"], "", "## Phases", "",
+              "Training tokens/s: over the whole phase (start-up, compilation, evaluations and the checkpoint "
+              "included) and steady (the median of the trainer's logged rate after its first log window). "
+              "For comparison, benchmarks/train_bench.py measured 309k tokens/s for the 8x152M MoE shape "
+              "(compiled, bf16) on an H200 (benchmarks/RESULTS.md).", "",
+              "| phase | seconds | tokens/s (phase) | tokens/s (steady) |", "|---|---|---|---|"]
     for k, sec in r["phase_seconds"].items():
-        tps = r["throughput"].get(k.removeprefix("train-"))
-        lines.append(f"| {k} | {sec:.1f} | {'' if tps is None or not k.startswith('train-') else f'{tps:,.0f}'} |")
+        tps = r["throughput"].get(k.removeprefix("train-")) if k.startswith("train-") else None
+        cells = ["", ""] if tps is None else [f"{tps['phase']:,.0f}", "" if tps["steady"] is None else f"{tps['steady']:,.0f}"]
+        lines.append(f"| {k} | {sec:.1f} | {cells[0]} | {cells[1]} |")
     lines += ["", "Epochs over each domain's training split: " + "; ".join(
         f"{ph}: " + ", ".join(f"{d} {e:.2f}" for d, e in v.items()) for ph, v in r["epochs"].items())]
     lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in r["environment"].items()] + [""]
