@@ -157,6 +157,8 @@ def _repro_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the study's seed (the second seed is SEED + 1)")
     p.add_argument("--seed-model", metavar="PATH", help="start every MoE from this dense Hugging Face "
                    "checkpoint (and tokenize with its tokenizer) instead of a dense seed trained here")
+    p.add_argument("--data", nargs="+", default=[], metavar="DATASET", help="with --seed-model: datasets written "
+                   "by `dropup data prepare` with its tokenizer, one per domain, instead of the harvested corpus")
 
 
 def _run_repro(a: argparse.Namespace) -> int:
@@ -165,7 +167,7 @@ def _run_repro(a: argparse.Namespace) -> int:
 
     from dropup.repro import run_repro
 
-    run_repro(a.out, a.preset, resume=a.resume, sets=a.sets, seed=a.seed, seed_model=a.seed_model,
+    run_repro(a.out, a.preset, resume=a.resume, sets=a.sets, seed=a.seed, seed_model=a.seed_model, datasets=a.data,
               command=shlex.join(["dropup", *sys.argv[1:]]))
     return 0
 

@@ -38,6 +38,7 @@ class Scale:
     eval_interval: int
     eval_batches: int
     val_fraction: float = 0.05
+    warmup_steps: int = 0  # 0: a tenth of each phase's steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -93,10 +94,11 @@ def dense_init(path: Path, s: Scale, vocab: int, seed: int) -> Path:
 
 
 def train_run(run_dir: Path, init: Path, data: dict[str, Path], s: Scale, steps: int, lr: float, seed: int,
-              device: str = "cpu", **settings) -> Path:
+              device: str = "cpu", nproc: int = 1, **settings) -> Path:
     """Train from ``init`` on the equal-weight mixture of ``data``; returns the final Hugging Face
     checkpoint. The run's config is written beside it (RUN.yaml) so that it can be re-run by hand
-    with ``dropup train``; ``settings`` are further top-level TrainConfig keys."""
+    with ``dropup train``; ``settings`` are further top-level TrainConfig keys. ``nproc`` > 1
+    runs it under torchrun (FSDP2: one process per GPU, or gloo processes on a CPU)."""
     from dropup.train.config import load_config
     from dropup.train.loop import train
 
@@ -104,14 +106,29 @@ def train_run(run_dir: Path, init: Path, data: dict[str, Path], s: Scale, steps:
            "data": {"datasets": [{"path": str(p), "weight": 1.0, "name": d} for d, p in data.items()],
                     "seq_len": s.seq_len, "eval_batches": s.eval_batches},
            "batch": {"global_batch": s.global_batch, "micro_batch": s.micro_batch},
-           "steps": steps, "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)},
+           "steps": steps, "optim": {"lr": lr, "warmup_steps": s.warmup_steps or max(1, steps // 10)},
            "seed": seed, "log_interval": max(1, s.eval_interval // 5), "eval_interval": s.eval_interval,
            "save_interval": 0, "keep_last": 1, "out_dir": str(run_dir), "device": device, **settings}
     cfg_path = run_dir.with_suffix(".yaml")
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    train(load_config(cfg_path))
+    if nproc == 1:
+        train(load_config(cfg_path))
+    else:
+        _torchrun(cfg_path, nproc)
     return run_dir / "ckpt" / f"step_{steps}" / "model"
+
+
+def _torchrun(cfg_path: Path, nproc: int) -> None:
+    import subprocess
+    import sys
+
+    from dropup.errors import UserError
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dropup", "train", "--config", str(cfg_path)]
+    if subprocess.run(cmd).returncode:
+        raise UserError(f"training under torchrun failed ({' '.join(cmd[2:])}); its ranks' messages are above")
 
 
 def fit_eval(s: Scale, data: dict[str, Path]) -> Scale:

@@ -46,6 +46,7 @@ class Preset:
     branch_steps: int  # btx: steps of each single-domain branch of the seed
     routing_tokens: int  # validation tokens per domain for the routing analysis (at most the split)
     device: str = "cpu"
+    nproc: int = 1  # training processes per phase (> 1: torchrun, FSDP2; one per GPU)
     num_experts: int = 8
     top_k: int = 2
     methods: tuple[str, ...] = tuple(METHODS)
@@ -74,6 +75,8 @@ class Preset:
             problems.append("top_k must lie in 1..num_experts")
         if self.device not in ("cpu", "cuda"):
             problems.append("device must be cpu or cuda")
+        if self.nproc < 1 or s.global_batch % (self.nproc * s.micro_batch):
+            problems.append(f"nproc must be positive and nproc x micro_batch divide global_batch {s.global_batch}")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not set(SECOND_SEED) <= set(self.methods):
             problems.append(f"methods must be among {', '.join(METHODS)} and include {', '.join(SECOND_SEED)}")
@@ -81,12 +84,13 @@ class Preset:
             raise UserError(f"preset {self.name}: " + "; ".join(problems))
 
 
-# The presets. The H200 budgets follow benchmarks/RESULTS.md's trainer speed for moe-8x152m,
-# ~300k tokens/s (taken as the MoE speed of these smaller shapes too: a conservative bound); a
-# dense step of the same shape costs about half an MoE top-2 step (its FFN is half the active one).
-# A study trains: the seed (dense), 3 btx branches (dense), dense-continued (dense, MoE tokens),
-# 7 MoE methods + 2 second-seed MoEs = 9 MoE runs. In MoE-equivalent tokens:
-#   seed/2 + 3*branch/2 + moe/2 + 9*moe.
+# The presets. A study trains the seed (dense), 3 BTX branches (dense), the seed continued for the
+# MoE budget (dense), 7 MoE methods and 2 second-seed MoEs: with M the MoE tokens, S the seed's and
+# B a branch's, its training time is (S + 3B + M) / dense rate + 9M / MoE rate. Ratios follow the
+# paper: S = 2M (about 1T seed tokens for 500B of MoE training); B = M/3 (the paper gives no branch
+# budget; a third of the MoE's, so that the three branches together see what one MoE sees).
+# Learning rates: 3e-3 dense and 1e-3 MoE at these small widths (the paper's 3e-4 and 2e-4 are
+# for 152M-8.9B parameters at batch 512-1024 x 4096), with a tenth of each phase as warm-up.
 PRESETS = {
     # Whole study in < 60 s on 2 CPU cores, for the tests; every method is kept.
     "cpu-tiny": Preset("cpu-tiny", Scale(
@@ -94,23 +98,38 @@ PRESETS = {
         global_batch=8, micro_batch=8, dense_steps=20, moe_steps=12, dense_lr=3e-3, moe_lr=1e-3,
         eval_interval=4, eval_batches=1), branch_steps=4, routing_tokens=1024,
         note="shapes for the tests only; numbers mean nothing"),
-    # 9.5 min wall: ~90 s for data, compilation, evaluation and analysis leaves ~480 s of training,
-    # 480 s * 300k tok/s = 144M MoE-equivalent tokens. 64 x 1024 = 65,536 tokens/step;
-    # seed 460 steps (30.1M), branches 60 steps (3.9M each), MoE 180 steps (11.8M each):
-    # 30.1/2 + 3*3.9/2 + 11.8/2 + 9*11.8 = 133M ~ 445 s. Corpus 4 MB/domain: >= 1M tokens each.
+    # One H200, at most 9.5 min wall. Measured on the H200 (2026-12-03, this shape, 20 MoE steps per
+    # phase): 1.25M tokens/s dense and 0.70M MoE (compiled, bf16, fused AdamW, steady); fixed costs
+    # ~25 s data at 4 MB/domain, ~20 s first compilation, ~6 s per MoE phase (load, evaluations,
+    # checkpoint), 15 s routing, 17 s evaluations. With 12 MB/domain (~60 s of data) that leaves
+    # about 300 s of training: M = 240 steps x 65,536 = 15.7M tokens, S = 480 steps, B = 80 steps:
+    # (31.5 + 15.7 + 15.7) / 1.25 + 9 x 15.7 / 0.70 = 50 + 202 = 252 s.
     "h200-10min": Preset("h200-10min", Scale(
-        corpus_mb=4.0, vocab_size=8192, hidden=512, d_f=1536, layers=8, heads=8, kv_heads=4, seq_len=1024,
-        global_batch=64, micro_batch=32, dense_steps=460, moe_steps=180, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=30, eval_batches=8), branch_steps=60, routing_tokens=200_000,
-        device="cuda", note="untested on the GPU in this slice"),
-    # 1 h: ~3300 s of training * 300k = 990M MoE-equivalent tokens. 128 x 1024 = 131,072 tokens/step;
-    # seed 1530 steps (200M), branches 230 (30M each), MoE 690 (90M each):
-    # 200/2 + 3*30/2 + 90/2 + 9*90 = 1000M ~ 3330 s. Corpus 16 MB/domain where the machine has it.
+        corpus_mb=12.0, vocab_size=8192, hidden=512, d_f=1536, layers=8, heads=8, kv_heads=4, seq_len=1024,
+        global_batch=64, micro_batch=32, dense_steps=480, moe_steps=240, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=24, eval_batches=8, val_fraction=0.1), branch_steps=80, routing_tokens=200_000,
+        device="cuda"),
+    # One H200, about an hour: the 8x152M paper shape's width and depth with a small vocabulary at
+    # sequence 1024. Budgets from the 10-minute preset's measured rates scaled by active parameters
+    # (dense ~0.45M, MoE ~0.28M tokens/s): M = 600 steps x 131,072 = 79M tokens, S = 2M, B = M/3:
+    # (157 + 79 + 79) / 0.45 + 9 x 79 / 0.28 = 700 + 2540 = 3240 s. Not yet run.
     "h200-1h": Preset("h200-1h", Scale(
-        corpus_mb=16.0, vocab_size=16384, hidden=768, d_f=2048, layers=12, heads=12, kv_heads=4, seq_len=1024,
-        global_batch=128, micro_batch=32, dense_steps=1530, moe_steps=690, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=69, eval_batches=8), branch_steps=230, routing_tokens=500_000,
-        device="cuda", note="untested on the GPU in this slice"),
+        corpus_mb=40.0, vocab_size=16384, hidden=512, d_f=2048, layers=12, heads=8, kv_heads=8, seq_len=1024,
+        global_batch=128, micro_batch=32, dense_steps=1200, moe_steps=600, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=50, eval_batches=8, val_fraction=0.05), branch_steps=200, routing_tokens=500_000,
+        device="cuda", note="estimated from the 10-minute preset's measured speed; not yet run"),
+    # The paper's 8x152M study (its shapes and recipe: sequence 4096, batch 512, 500B MoE tokens,
+    # 1T seed tokens, 2,000 warm-up steps) on 8 GPUs. Its cost, from benchmarks/RESULTS.md's H200
+    # rates at this shape (dense 152M ~428k, MoE 8x152M ~310k tokens/s per GPU): seed 649 h,
+    # dense-continued 324 h, branches 324 h, 9 MoE runs 4,032 h: about 5,330 H200-hours (about 28
+    # days on 8 GPUs), 4,680 with --seed-model. It needs a corpus far beyond what any machine
+    # holds: pass prepared datasets with --data (and --seed-model for their tokenizer).
+    "paper-8x152m": Preset("paper-8x152m", Scale(
+        corpus_mb=1000.0, vocab_size=99_584, hidden=512, d_f=2048, layers=12, heads=8, kv_heads=8, seq_len=4096,
+        global_batch=512, micro_batch=8, dense_steps=476_837, moe_steps=238_419, dense_lr=3e-4, moe_lr=2e-4,
+        eval_interval=2000, eval_batches=8, val_fraction=0.01, warmup_steps=2000), branch_steps=79_473,
+        routing_tokens=1_000_000, device="cuda", nproc=8,
+        note="the paper's scale: about 5,330 H200-hours; give it --data and --seed-model"),
 }
 
 
@@ -184,7 +203,7 @@ def judge(m: dict) -> dict[str, tuple[str, str]]:
         v["C1"] = (verdict, f"naive {s['naive']:.4f} = dense; " + reason)
     moe = {k: x for k, x in m["end"].items()}
     v["C2"] = _lowest_verdict(m["early"], [k for k in ("naive", "btx") if k in m["early"]], m["early_spread"],
-                              "first checkpoint")
+                              "first evaluation")
     v["C3"] = _lowest_verdict(moe, ["drop-0.5"], m["spread"], "end")
     v["C4"] = _order_verdict(moe, ["drop-0.5", "drop-1.0", "scratch"], m["spread"], "end")
     worst = max(moe, key=moe.__getitem__)
@@ -267,7 +286,7 @@ class _Study:
         run = self.out / "runs" / name
 
         def go():
-            final = train_run(run, init, data, self.p.scale, steps, lr, seed, device=self.p.device)
+            final = train_run(run, init, data, self.p.scale, steps, lr, seed, device=self.p.device, nproc=self.p.nproc)
             return {"run": str(run), "final": str(final), "tokens": steps * self.p.tokens_per_step,
                     "steady_tokens_per_s": steady_tokens_per_s(run), "curve": val_curve(run)}
 
@@ -321,11 +340,30 @@ def _check_seed_model(path: str) -> Path:
                         "corpus with the seed model's own tokenizer")
     if load_config(p).is_moe:
         raise UserError(f"--seed-model {path}: an MoE checkpoint; the study upcycles a dense model")
-    return p
+    return p.resolve()
+
+
+def _check_datasets(paths: list[str], seed_model: Path | None) -> dict[str, Path]:
+    from dropup.data.tokens import read_meta
+
+    data = {}
+    for path in paths:
+        p = Path(path)
+        if not (p / "meta.json").is_file():
+            raise UserError(f"--data {path}: not a dataset written by `dropup data prepare` (no meta.json)")
+        if "val" not in read_meta(p)["splits"]:
+            raise UserError(f"--data {path}: no val split; prepare it with --val-fraction above 0")
+        if p.resolve().name in data:
+            raise UserError(f"--data {path}: two datasets are named {p.resolve().name}; the study names domains "
+                            "by their directories, so give each a distinct name")
+        data[p.resolve().name] = p.resolve()
+    if data and seed_model is None:
+        raise UserError("--data needs --seed-model: a dense seed trained here uses the tokenizer trained here")
+    return data
 
 
 def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, sets: list[str] | None = None,
-              seed: int = 0, command: str = "", seed_model: str | None = None) -> dict:
+              seed: int = 0, command: str = "", seed_model: str | None = None, datasets: list[str] = ()) -> dict:
     from dropup.convert.upcycle import upcycle
     from dropup.model.io import load_config
 
@@ -335,14 +373,16 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     if p.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"preset {p.name} needs a CUDA GPU; use --preset cpu-tiny or --set device=cpu")
     user_seed = _check_seed_model(seed_model) if seed_model else None
+    given = _check_datasets(list(datasets), user_seed)
     out = Path(out)
     _prepare_out(out, resume, {"preset": asdict(p), "seed": seed,
-                               "seed_model": str(user_seed.resolve()) if user_seed else None})
+                               "seed_model": str(user_seed) if user_seed else None,
+                               "data": {d: str(x) for d, x in given.items()}})
     st = _Study(out, p, seed)
     t_start = time.perf_counter()
 
     rec = st.phase("data", [out / "corpus", out / "tokenizer", out / "data"], lambda: {"data": {
-        d: str(x) for d, x in build_data(out, p.scale, seed, tokenizer=user_seed).items()}})
+        d: str(x) for d, x in (given or build_data(out, p.scale, seed, tokenizer=user_seed)).items()}})
     data = {d: Path(x) for d, x in rec["data"].items()}
     s = fit_eval(p.scale, data)
     st.p = p = dataclasses.replace(p, scale=s)
@@ -365,8 +405,8 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
         init = out / "inits" / name
         opts = dict(METHODS[method])
         src = dense
-        if method == "btx":
-            src, opts["sources"] = branches[0], [str(b) for b in branches[1:]]
+        if method == "btx":  # the paper's 4 sources: the seed and its branches, 2 experts each of 8
+            opts["sources"] = [str(b) for b in branches]
         st.phase(f"upcycle-{name}", [init], lambda: {"upcycling": upcycle(
             src, init, num_experts=p.num_experts, top_k=p.top_k, seed=sd, progress=False, **opts)["method"]})
         runs[name] = {"init": init, **st.train(name, init, data, s.moe_steps, s.moe_lr, sd)}

@@ -166,3 +166,36 @@ def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path):
     assert second["phases_run_now"][0] == "train-noise" and "train-drop-1.0" not in second["phases_run_now"]
     assert second["curves"] == first["curves"]
     assert second["numbers"] == first["numbers"] and second["verdicts"] == first["verdicts"]
+
+
+@pytest.mark.slow
+def test_seed_model_and_given_datasets_replace_the_seed_and_the_corpus(tmp_path):
+    """--seed-model: every MoE starts from the user's dense model (with its tokenizer), and --data
+    gives the domains; no corpus is harvested and no seed is trained."""
+    import shutil
+
+    from dropup.pipeline import build_data, dense_init, train_run
+    from dropup.repro import PRESETS
+
+    s = PRESETS["cpu-tiny"].scale
+    data = build_data(tmp_path / "mine", s, seed=3)
+    vocab = json.loads((data["code"] / "meta.json").read_text())["vocab_size"]
+    seed_model = train_run(tmp_path / "mine" / "pretrain", dense_init(tmp_path / "mine" / "init", s, vocab, 3),
+                           data, s, 6, 3e-3, seed=3)
+    for f in (tmp_path / "mine" / "tokenizer").iterdir():
+        shutil.copy(f, seed_model / f.name)
+    out = tmp_path / "study"
+    r, _ = _repro(out, "--seed-model", str(seed_model), "--data", *(str(p) for p in data.values()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seed_model"] == str(seed_model.resolve())
+    assert not (out / "corpus").exists() and not (out / "phases" / "train-seed.json").exists()
+    assert list(res["epochs"]) == ["moe"]
+    assert abs(res["numbers"]["start"]["naive"] - res["numbers"]["dense"]) < 1e-4
+    assert f"Every MoE starts from the dense model {seed_model.resolve()}" in (out / "report.md").read_text()
+    # --data without --seed-model, and a seed model without a tokenizer: one line, exit 2, nothing written.
+    bad, _ = _repro(tmp_path / "bad1", "--data", str(data["code"]))
+    assert bad.returncode == 2 and "--seed-model" in bad.stderr and not (tmp_path / "bad1").exists()
+    (seed_model / "tokenizer.json").unlink()
+    bad, _ = _repro(tmp_path / "bad2", "--seed-model", str(seed_model))
+    assert bad.returncode == 2 and "tokenizer.json" in bad.stderr and not (tmp_path / "bad2").exists()
