@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text
@@ -37,6 +38,13 @@ METHODS = {
     "btx": dict(method="btx"),  # sources: the seed's per-domain branches
 }
 SECOND_SEED = ("naive", "drop-0.5")  # re-run with seed + 1 to size the seed-to-seed noise
+# ``--set variant.KEY=VALUE``: one more MoE, upcycled as drop-0.5 with these options changed and
+# trained like the others (an ablation beside the paper's methods; no claim is judged on it).
+VARIANT = "variant"
+VARIANT_BASE = "drop-0.5"
+# Options the study itself sets for every construction; a variant changes how experts are built.
+STUDY_OWNED = ("num_experts", "top_k", "seed", "sources", "overwrite", "progress", "verify", "verify_text",
+               "threads", "max_shard_size", "dtype", "target")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Preset:
     num_experts: int = 8
     top_k: int = 2
     methods: tuple[str, ...] = tuple(METHODS)
+    variant: dict = dataclasses.field(default_factory=dict)  # see VARIANT
     note: str = ""
 
     @property
@@ -110,14 +119,17 @@ PRESETS = {
         eval_interval=24, eval_batches=8, val_fraction=0.1), branch_steps=80, routing_tokens=200_000,
         device="cuda"),
     # One H200, about an hour: the 8x152M paper shape's width and depth with a small vocabulary at
-    # sequence 1024. Budgets from the 10-minute preset's measured rates scaled by active parameters
-    # (dense ~0.45M, MoE ~0.28M tokens/s): M = 600 steps x 131,072 = 79M tokens, S = 2M, B = M/3:
-    # (157 + 79 + 79) / 0.45 + 9 x 79 / 0.28 = 700 + 2540 = 3240 s. Not yet run.
+    # sequence 1024. Rates measured on the H200 (2026-12-03, this preset with 21 MoE steps per
+    # phase, 353 s): 0.77-0.81M tokens/s dense, 0.39-0.45M MoE (steady); ~15 s of fixed cost per
+    # MoE phase (its 330M-parameter checkpoint). M = 840 steps x 131,072 = 110M tokens, S = 2M,
+    # B = M/3: (220 + 110 + 110) / 0.8 + 9 x 110 / 0.43 = 550 + 2300 = 2850 s of training, plus
+    # ~450 s of data (64 MB/domain: ~19M tokens each, so the seed sees ~4 epochs), start-up,
+    # checkpoints, evaluations and routing: ~55 min. The full study is not yet run.
     "h200-1h": Preset("h200-1h", Scale(
-        corpus_mb=40.0, vocab_size=16384, hidden=512, d_f=2048, layers=12, heads=8, kv_heads=8, seq_len=1024,
-        global_batch=128, micro_batch=32, dense_steps=1200, moe_steps=600, dense_lr=3e-3, moe_lr=1e-3,
-        eval_interval=50, eval_batches=8, val_fraction=0.05), branch_steps=200, routing_tokens=500_000,
-        device="cuda", note="estimated from the 10-minute preset's measured speed; not yet run"),
+        corpus_mb=64.0, vocab_size=16384, hidden=512, d_f=2048, layers=12, heads=8, kv_heads=8, seq_len=1024,
+        global_batch=128, micro_batch=32, dense_steps=1680, moe_steps=840, dense_lr=3e-3, moe_lr=1e-3,
+        eval_interval=70, eval_batches=8, val_fraction=0.05), branch_steps=280, routing_tokens=500_000,
+        device="cuda", note="budgets from rates measured on the H200; the full study is not yet run"),
     # The paper's 8x152M study (its shapes and recipe: sequence 4096, batch 512, 500B MoE tokens,
     # 1T seed tokens, 2,000 warm-up steps) on 8 GPUs. Its cost, from benchmarks/RESULTS.md's H200
     # rates at this shape (dense 152M ~428k, MoE 8x152M ~310k tokens/s per GPU): seed 649 h,
@@ -134,24 +146,45 @@ PRESETS = {
 
 
 def with_overrides(preset: Preset, sets: list[str]) -> Preset:
-    """``--set key=value``: a Preset or Scale field, converted to the field's type."""
-    scale, top = {}, {}
+    """``--set key=value``: a Preset or Scale field, converted to the field's type; or
+    ``variant.KEY=VALUE``, an upcycling option of the extra variant MoE (value read as YAML)."""
+    scale, top, variant = {}, {}, dict(preset.variant)
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set moe_steps=100")
+        if key.startswith(VARIANT + "."):
+            variant[key.removeprefix(VARIANT + ".")] = yaml.safe_load(value)
+            continue
         target = scale if key in Scale.__dataclass_fields__ else top
         obj = preset.scale if target is scale else preset
-        if key not in type(obj).__dataclass_fields__ or key in ("name", "scale", "methods"):
+        if key not in type(obj).__dataclass_fields__ or key in ("name", "scale", "methods", "variant"):
             raise UserError(f"--set {key}: unknown key; choose a field of the preset table (src/dropup/repro.py)")
         cur = getattr(obj, key)
         try:
             target[key] = type(cur)(value)
         except ValueError:
             raise UserError(f"--set {item}: {value!r} is not a {type(cur).__name__}") from None
-    out = dataclasses.replace(preset, scale=dataclasses.replace(preset.scale, **scale), **top)
+    out = dataclasses.replace(preset, scale=dataclasses.replace(preset.scale, **scale), variant=variant, **top)
     out.validate()
     return out
+
+
+def variant_options(variant: dict) -> dict:
+    """The variant's upcycling options (drop-0.5's, changed by ``variant``), checked now, before
+    hours of training: an unknown option, one the study sets itself, or a bad value is one line."""
+    from dropup.convert.upcycle import UpcycleOptions
+
+    for key in variant:
+        if key not in UpcycleOptions.__dataclass_fields__ or key in STUDY_OWNED:
+            settable = sorted(set(UpcycleOptions.__dataclass_fields__) - set(STUDY_OWNED))
+            raise UserError(f"--set {VARIANT}.{key}: not an upcycling option a variant can change; "
+                            f"choose one of {', '.join(settable)}")
+    opts = {**METHODS[VARIANT_BASE], **variant}
+    if opts.get("method") == "btx":
+        raise UserError(f"--set {VARIANT}.method=btx: BTX is in the study already; a variant takes one source")
+    UpcycleOptions(**opts).validate()
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +405,8 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     p = with_overrides(PRESETS[preset], sets or [])
     if p.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"preset {p.name} needs a CUDA GPU; use --preset cpu-tiny or --set device=cpu")
+    if p.variant:
+        variant_options(p.variant)
     user_seed = _check_seed_model(seed_model) if seed_model else None
     given = _check_datasets(list(datasets), user_seed)
     out = Path(out)
@@ -401,9 +436,11 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
         for d in data:
             branches.append(Path(st.train(f"branch-{d}", dense, {d: data[d]}, p.branch_steps, s.moe_lr, seed)["final"]))
     jobs = [(m, seed, m) for m in p.methods] + [(m, seed + 1, f"{m}-s{seed + 1}") for m in SECOND_SEED]
+    if p.variant:
+        jobs.append((VARIANT, seed, VARIANT))
     for method, sd, name in jobs:
         init = out / "inits" / name
-        opts = dict(METHODS[method])
+        opts = variant_options(p.variant) if method == VARIANT else dict(METHODS[method])
         src = dense
         if method == "btx":  # the paper's 4 sources: the seed and its branches, 2 experts each of 8
             opts["sources"] = [str(b) for b in branches]
@@ -533,7 +570,10 @@ def format_report(r: dict) -> str:
     n = r["numbers"]
     seed = f"the dense model {r['seed_model']}" if r["seed_model"] else "a dense seed trained here"
     lines = [f"# dropup repro: preset {r['preset']['name']}", "",
-             f"Command: `{r['command']}`", "", f"Every MoE starts from {seed}.", "", "Numbers are mean validation loss over the domains (nats/token), the "
+             f"Command: `{r['command']}`", "", f"Every MoE starts from {seed}.", "",
+             *([f"Variant (an extra MoE, no claim judged on it): {VARIANT_BASE} with "
+                + ", ".join(f"{k}={v}" for k, v in r["preset"]["variant"].items()) + ".", ""]
+               if r["preset"]["variant"] else []), "Numbers are mean validation loss over the domains (nats/token), the "
              "same windows of each domain's validation split at every point: step 0 and the end by `dropup eval` "
              "(float32), the points between by the trainer's own evaluation (bf16 autocast on a GPU). The seed "
              "spread is the largest |seed 0 - seed 1| difference of naive and drop-0.5.", "",

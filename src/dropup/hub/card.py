@@ -126,18 +126,17 @@ def has_tokenizer(path: str | os.PathLike | None) -> bool:
 def dataset_tokenizer(paths: list[str | os.PathLike]) -> Path | None:
     """The tokenizer directory the datasets were prepared with (``dropup data prepare`` records it
     in meta.json); None when none records one. ``UserError`` when they record different ones."""
+    from dropup.data.tokens import tokenizer_dir  # the dataset format's reader (data builds on hub)
+
     found: list[tuple[Path, str | None, Path]] = []
     for ds in paths:
         try:
             meta = json.loads((Path(ds) / "meta.json").read_text())
         except (OSError, ValueError):
             continue  # the data loader reports a dataset it cannot read
-        tok = meta.get("tokenizer") if isinstance(meta, dict) else None
-        if not isinstance(tok, dict) or not isinstance(tok.get("path"), str):
-            continue
-        tdir = Path(ds) / tok["path"]
-        if has_tokenizer(tdir):
-            found.append((Path(ds), tok.get("sha256") or _file_sha(tdir), tdir))
+        tdir = tokenizer_dir(ds, meta) if isinstance(meta, dict) else None
+        if tdir is not None and has_tokenizer(tdir):
+            found.append((Path(ds), meta["tokenizer"].get("sha256") or _file_sha(tdir), tdir))
     for ds, sha, tdir in found[1:]:
         if sha != found[0][1] and not _same_vocabulary(found[0][2], tdir):
             raise UserError(f"datasets {found[0][0]} and {ds} were tokenised with different tokenizers "
