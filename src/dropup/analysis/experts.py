@@ -168,15 +168,16 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool
     target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     shapes = {n: info.shape for n, info in ck.tensors.items()
               if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
+    # Qwen-MoE may keep some layers dense (no experts there): sizes come from the first MoE layer.
+    moe = cfg.moe_layers
     per_expert = 0
     for m in surgery.FFN_MATRICES:
-        name = archs.expert_name(target, 0, 0, m)
+        name = archs.expert_name(target, moe[0] if moe else 0, 0, m)
         if name in ck.tensors:
             per_expert += math.prod(ck.tensors[name].shape)
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
-    total, active = parameter_counts(shapes, moe_layers * num_experts * per_expert, num_experts, top_k)
+    total, active = parameter_counts(shapes, len(moe) * num_experts * per_expert, num_experts, top_k)
     report: dict = {
-        "path": str(ck.path), "architecture": target, "layers": layers,
+        "path": str(ck.path), "architecture": target, "layers": layers, "moe_layers": moe,
         "hidden_size": cfg.hidden_size, "expert_intermediate_size": cfg.moe_intermediate_size,
         "num_experts": num_experts, "top_k": top_k,
         "total_params": total, "active_params": active,
@@ -193,8 +194,6 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool
             # history is missing rather than refuse to describe it.
             report["upcycling_unreadable"] = str(e)
     if similarity:
-        # Qwen-MoE may interleave dense layers, which have no experts to compare.
-        moe = [i for i in range(layers) if cfg.is_moe_layer(i)]
         # Reading every expert of a large checkpoint takes a while: show it on a terminal.
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -267,10 +266,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _dense_layers(r: dict) -> str:
+    moe = r["moe_layers"]
+    if len(moe) == r["layers"]:
+        return ""
+    return f", MoE in {len(moe)} of them: {', '.join(map(str, moe))}"
+
+
 def format_report(r: dict) -> str:
     lines = [
         f"checkpoint   {r['path']}",
-        f"architecture {r['architecture']}  ({r['layers']} layers, hidden {r['hidden_size']}, "
+        f"architecture {r['architecture']}  ({r['layers']} layers{_dense_layers(r)}, hidden {r['hidden_size']}, "
         f"expert d_f {r['expert_intermediate_size']}, dtype {r['dtype']})",
         f"experts      {r['num_experts']} routed, top-{r['top_k']}"
         + (", plus a shared expert" if r["shared_expert"] else "")

@@ -36,7 +36,7 @@ from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import model_name, parameter_counts, upcycling_info, write_model_card
-from dropup.hub.config import config_json, dense_to_moe
+from dropup.hub.config import config_json, dense_to_moe, parse_moe_layers
 from dropup.hub.gguf import dense_source
 from dropup.hub.gguf import origin as gguf_origin
 from dropup.hub.safetensors import (
@@ -68,6 +68,7 @@ class UpcycleOptions:
     init_std: float = ranged(0.02, ge=0, hint=_STD)  # scratch
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
     target: Literal["auto", *archs.TARGET_TYPES] = "auto"
+    moe_layers: str | None = None  # "1,3" or "every:N": only these layers become MoE (Qwen-MoE targets)
     aux_loss_coef: float = ranged(0.02, ge=0, hint="the load-balancing coefficient; 0 turns the loss off")
     dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
@@ -92,6 +93,8 @@ class UpcycleOptions:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
         _check_shard_size(self.max_shard_size)
+        if self.moe_layers is not None:
+            parse_moe_layers(self.moe_layers)  # the syntax now; the range once SRC's depth is known
         if self.verify_text is not None:
             self.verify = True
 
@@ -117,6 +120,7 @@ class Context:
     target: str
     out_dtype: torch.dtype
     sources: list[CheckpointReader]
+    moe_layers: list[int] | None = None  # the layers that become MoE (None: all); the others stay dense
     experts: dict[tuple[int, int], dict] = field(default_factory=dict)  # provenance per expert
     checksums: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, tensor) -> sha
     writer: ShardedWriter | None = None  # set once the plan is known
@@ -124,8 +128,9 @@ class Context:
     _local: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
-        self.experts = {(layer, e): {} for layer in range(self.shape.layers)
-                        for e in range(self.opts.num_experts)}
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.shape.layers))
+        self.experts = {(layer, e): {} for layer in self.moe_layers for e in range(self.opts.num_experts)}
         self.cache = _FFNCache(self)
 
     def read(self, source: int, name: str) -> torch.Tensor:
@@ -238,6 +243,13 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         if archs.adds_qk_norm(shape, target):
             for name in archs.qk_norm_names(layer):
                 add(name, (shape.head_dim,), lambda: torch.ones((shape.head_dim,), dtype=dt))
+        if layer not in ctx.moe_layers:
+            # A dense layer of a Qwen-MoE keeps the dense MLP under the dense names, made like
+            # the non-FFN tensors: copied bit for bit (averaged for btx, drawn for scratch).
+            for m in surgery.FFN_MATRICES:
+                name = shape.ffn_name(layer, m)
+                add(name, shape.ffn_shape(m), partial(non_ffn_tensor, ctx, name, shape.ffn_shape(m)))
+            continue
         router_key = surgery.derive_seed(o.seed, "router", layer)
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
             lambda k=router_key: surgery.router_weight(
@@ -321,10 +333,10 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
     moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
-                       aux_loss_coef=opts.aux_loss_coef)
+                       aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
-    ctx = Context(opts, method, shape, target, out_dtype, sources)
+    ctx = Context(opts, method, shape, target, out_dtype, sources, moe_layers=moe.moe_layers)
     if opts.verify:
         from dropup.convert.verify import verify, windows
 
@@ -386,7 +398,7 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
 
 def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance: dict) -> dict:
     shape, o = ctx.shape, ctx.opts
-    routed = shape.layers * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
+    routed = len(ctx.moe_layers) * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
     total, active = parameter_counts({spec.name: spec.shape for spec, _ in plan}, routed, o.num_experts, o.top_k)
     return {"model_type": ctx.target, "layers": shape.layers, "num_experts": o.num_experts, "top_k": o.top_k,
             "total_params": total, "active_params": active, "base_model": model_name(ctx.sources[0].path),
@@ -402,8 +414,9 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
         # Producers run on a thread pool and fill rec in completion order: write a fixed order.
         return {k: rec[k] for k in (*surgery.FFN_MATRICES, "intact_fraction") if k in rec}
 
-    per_layer = [[{"expert": e, **entry(ctx.experts[(layer, e)])} for e in range(opts.num_experts)]
-                 for layer in range(shape.layers)]
+    # One list per decoder layer, empty for a layer kept dense.
+    per_layer = [[{"expert": e, **entry(ctx.experts[(layer, e)])} for e in range(opts.num_experts)
+                  if (layer, e) in ctx.experts] for layer in range(shape.layers)]
     intact = [x["intact_fraction"] for layer in per_layer for x in layer]
     by_source: dict[str, dict[str, str]] = {}
     for (path, name), digest in sorted(ctx.checksums.items()):
@@ -429,5 +442,6 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
         "output_bytes": total,
         "seconds": round(seconds, 3),
         "mean_intact_fraction": sum(intact) / len(intact),
+        "moe_layers": list(ctx.moe_layers),
         "layers": per_layer,
     }

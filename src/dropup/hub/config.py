@@ -18,6 +18,8 @@ from dropup.options import Range
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# MoE types whose config.json can keep some layers dense (mlp_only_layers, decoder_sparse_step).
+MIXED_LAYER_TYPES = ("qwen2_moe", "qwen3_moe")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
 ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "llama": "LlamaForCausalLM",
@@ -94,6 +96,11 @@ class ModelConfig:
             and i not in self.mlp_only_layers
             and (i + 1) % self.decoder_sparse_step == 0
         )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers (all of them unless Qwen-MoE keeps some dense)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     # ---- from / to config.json ------------------------------------------------------------
 
@@ -347,13 +354,61 @@ def config_json(d: dict[str, Any]) -> str:
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
+def parse_moe_layers(spec: str) -> int | list[int]:
+    """``--moe-layers`` SPEC: ``every:N`` gives N (transformers' ``decoder_sparse_step``: layers
+    N-1, 2N-1, ... are MoE), a comma list the sorted layer indices."""
+    hint = "write layer indices such as 1,3 or every:N"
+    text = str(spec).strip()
+    if text.startswith("every:"):
+        n = text.removeprefix("every:").strip()
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"--moe-layers {spec!r}: N must be a positive integer (every:2 makes layers "
+                            "1, 3, 5, ... MoE, as Qwen-MoE's decoder_sparse_step does)")
+        return int(n)
+    items = [x.strip() for x in text.split(",")]
+    if not text or not all(items):
+        raise UserError(f"--moe-layers {spec!r} names no layer or has an empty entry; {hint}")
+    bad = next((x for x in items if not x.isdigit()), None)
+    if bad is not None:
+        raise UserError(f"--moe-layers {spec!r}: {bad!r} is not a layer index (0, 1, ...); {hint}")
+    layers = [int(x) for x in items]
+    twice = next((i for i in layers if layers.count(i) > 1), None)
+    if twice is not None:
+        raise UserError(f"--moe-layers {spec!r} lists layer {twice} twice")
+    return sorted(layers)
+
+
+def sparse_layout(spec: str, layers: int) -> tuple[int, list[int]]:
+    """``decoder_sparse_step`` and ``mlp_only_layers`` for which transformers' Qwen-MoE (and
+    ``ModelConfig.is_moe_layer``, the same rule) builds exactly the layers SPEC names as MoE."""
+    parsed = parse_moe_layers(spec)
+    if isinstance(parsed, int):
+        if parsed > layers:
+            raise UserError(f"--moe-layers {spec} makes no layer MoE in a {layers}-layer model "
+                            f"(every:N makes layers N-1, 2N-1, ... MoE); choose N <= {layers}")
+        return parsed, []
+    out = next((i for i in parsed if i >= layers), None)
+    if out is not None:
+        raise UserError(f"--moe-layers {spec}: layer {out} is out of range; SRC has {layers} layers "
+                        f"(0 to {layers - 1})")
+    return 1, [i for i in range(layers) if i not in parsed]
+
+
 def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
-                 aux_loss_coef: float) -> ModelConfig:
+                 aux_loss_coef: float, moe_layers: str | None = None) -> ModelConfig:
     """The MoE config that upcycling ``cfg`` builds: the dense model's settings kept (RoPE, eps,
     vocabulary, special tokens, windows), the MoE fields set, and the top-k weights renormalised
-    so that naive upcycling computes exactly the dense function."""
+    so that naive upcycling computes exactly the dense function. ``moe_layers`` (``--moe-layers``
+    SPEC) keeps the other layers dense, for targets that can say so."""
     if target not in MOE_TYPES:
         raise ValueError(f"{target!r} is not an MoE type")
+    sparse_step, mlp_only = 1, []
+    if moe_layers is not None:
+        if target not in MIXED_LAYER_TYPES:
+            raise UserError(f"--moe-layers: {target} cannot keep layers dense (its config.json has no "
+                            f"mlp_only_layers); use --target {' or '.join(MIXED_LAYER_TYPES)}, whichever SRC "
+                            "can become, or leave --moe-layers out")
+        sparse_step, mlp_only = sparse_layout(moe_layers, cfg.num_hidden_layers)
     extra = {k: v for k, v in cfg.extra.items() if k not in _DENSE_ONLY_KEYS}
     extra["output_router_logits"] = False
     if target == "mixtral":
@@ -361,7 +416,8 @@ def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
     return replace(
         cfg, model_type=target, extra=extra,
         num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=cfg.intermediate_size,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=aux_loss_coef,
+        norm_topk_prob=True, decoder_sparse_step=sparse_step, mlp_only_layers=mlp_only,
+        router_aux_loss_coef=aux_loss_coef,
         qk_norm=cfg.qk_norm or target == "qwen3_moe",  # Qwen3-MoE always normalises q and k
         shared_expert_intermediate_size=cfg.intermediate_size if target == "qwen2_moe" else 0,
         sliding_windows=list(cfg.sliding_windows),
