@@ -63,7 +63,7 @@ def test_missing_key_is_one_user_error_for_every_reader():
             read(d)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "granite"])
 def test_converter_and_export_write_the_same_config(dense_models, tmp_path, arch):
     """The converter's config.json, read back and written by save_model (what the trainer's export
     does), is the same file apart from the version stamp: one writer."""

@@ -254,7 +254,12 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
             lambda k=router_key: surgery.router_weight(
                 o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
-        for expert in range(o.num_experts):
+        fused = archs.fused_experts(target, layer)
+        for name, matrices in fused.items():
+            rows, cols = shape.ffn_shape(matrices[0])
+            add(name, (o.num_experts, rows * len(matrices), cols),
+                partial(_stacked_experts, ctx, build_expert, layer, name, matrices))
+        for expert in range(o.num_experts if not fused else 0):
             for m in surgery.FFN_MATRICES:
                 name = archs.expert_name(target, layer, expert, m)
                 add(name, shape.ffn_shape(m), partial(build_expert, ctx, layer, expert, m, name))
@@ -272,6 +277,44 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         if name in non_ffn:
             add_non_ffn(name)
     return plan
+
+
+class _PartsWriter:
+    """The writer as the methods see it when a layer's experts are stacked in one tensor
+    (GraniteMoE): the buffer of an expert's part is its slice of the stacked tensor's buffer, so
+    each method writes its expert in place, as it would write a tensor of its own."""
+
+    def __init__(self, writer: ShardedWriter):
+        self.writer = writer
+        self.views: dict[str, torch.Tensor] = {}  # part name -> slice, while its expert is built
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.views[name] if name in self.views else self.writer.buffer(name)
+
+    def placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.views[name].copy_(t) if name in self.views else self.writer.placed(name, t)
+
+    def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t  # parts are copied into the stacked buffer anyway
+
+
+def _stacked_experts(ctx: Context, build_expert: Callable, layer: int, name: str,
+                     matrices: tuple[str, ...]) -> torch.Tensor:
+    """A tensor of all experts of one layer, [E, rows, cols], ``matrices`` stacked along dim 1:
+    every expert's matrix made by the method, as in the per-expert layout, into its slice."""
+    parts: _PartsWriter = ctx.writer
+    out = parts.writer.buffer(name)
+    for expert in range(ctx.opts.num_experts):
+        for m in matrices:
+            part, view = archs.expert_name(ctx.target, layer, expert, m), archs.expert_matrix(out, matrices, m)[expert]
+            parts.views[part] = view
+            try:
+                made = build_expert(ctx, layer, expert, m, part)
+            finally:
+                del parts.views[part]
+            if made.data_ptr() != view.data_ptr():
+                view.copy_(made)
+    return out
 
 
 def _resolve_dtype(opts: UpcycleOptions, src: CheckpointReader) -> torch.dtype:
@@ -349,7 +392,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
                     full_advice="free space (see upcycle's size estimate)") as tmp:
         check_free_space(out, total + (64 << 20))
         with ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size)) as writer:
-            ctx.writer = writer
+            ctx.writer = _PartsWriter(writer) if archs.fused_experts(target, 0) else writer
             _run_plan(plan, writer, opts)
         (tmp / "config.json").write_text(config_json(config))
         side = main.copy_side_files(tmp)

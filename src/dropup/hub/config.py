@@ -16,8 +16,8 @@ from typing import Any
 from dropup.errors import UserError
 from dropup.options import Range
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
 # MoE types whose config.json can keep some layers dense (mlp_only_layers, decoder_sparse_step).
 MIXED_LAYER_TYPES = ("qwen2_moe", "qwen3_moe")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
@@ -29,7 +29,12 @@ ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
 }
+# IBM Granite: a Llama with four scalars (see ModelConfig); no sliding window, bias on all four
+# attention projections or none.
+GRANITE_TYPES = ("granite", "granitemoe")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _COUNT = Range(ge=1, integer=True)
 
@@ -77,6 +82,13 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.02  # the paper's; as written in config.json (the trainer has its own)
+    # Granite's scalars (the neutral values elsewhere): embeddings times embedding_multiplier, each
+    # residual branch times residual_multiplier, attention scores times attention_multiplier
+    # (None: 1 / sqrt(head_dim)), logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # "rope_parameters" (transformers 5) or "rope_scaling" (4.x): written back the way it was read.
     rope_key: str = "rope_scaling"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +154,7 @@ class ModelConfig:
             "mistral": False,
             "mixtral": False,
         }.get(mt, attention_bias)
-        o_bias = attention_bias if mt in ("llama", "qwen3", "qwen3_moe") else False
+        o_bias = attention_bias if mt in ("llama", "qwen3", "qwen3_moe", *GRANITE_TYPES) else False
 
         theta, scaling = _rope_from_hf(d, mt)
         cfg = cls(
@@ -166,11 +178,16 @@ class ModelConfig:
             router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),  # transformers' default
             rope_key="rope_parameters" if "rope_parameters" in d else "rope_scaling",
         )
-        if mt == "mixtral":
+        if mt in GRANITE_TYPES:
+            for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+                setattr(cfg, key, float(d.get(key, 1.0)))
+        if mt in ("mixtral", "granitemoe"):
             cfg.num_experts = count("num_local_experts", 8)
             cfg.num_experts_per_tok = count("num_experts_per_tok", 2)
             cfg.moe_intermediate_size = cfg.intermediate_size
-            cfg.norm_topk_prob = True  # Mixtral always renormalises the top-k weights
+            # Mixtral renormalises the top-k softmax weights; GraniteMoE takes the softmax of the
+            # top-k logits, the same weights.
+            cfg.norm_topk_prob = True
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # transformers 5 writes qwen3_moe's expert count as num_local_experts.
             cfg.num_experts = count("num_experts") if "num_experts" in d else need("num_local_experts")
@@ -197,7 +214,7 @@ class ModelConfig:
             architectures=[ARCHITECTURES[mt]],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
-            intermediate_size=self.moe_intermediate_size if mt == "mixtral" else self.intermediate_size,
+            intermediate_size=self.moe_intermediate_size if mt in ("mixtral", "granitemoe") else self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
@@ -207,15 +224,18 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        if mt in ("llama", "qwen3", "qwen3_moe"):
+        if mt in ("llama", "qwen3", "qwen3_moe", *GRANITE_TYPES):
             d["attention_bias"] = self.qkv_bias
-            if mt == "llama":
+            if mt in ("llama", "granite"):
                 d["mlp_bias"] = False
+        if mt in GRANITE_TYPES:
+            d.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
+                     attention_multiplier=self.attention_multiplier, logits_scaling=self.logits_scaling)
         if mt == "qwen2_moe":
             d["qkv_bias"] = self.qkv_bias
         _rope_to_hf(self, d)
         _sliding_windows_to_hf(self, d)
-        if mt == "mixtral":
+        if mt in ("mixtral", "granitemoe"):
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # num_experts, not num_local_experts: transformers 4.x reads only this spelling and
@@ -265,6 +285,7 @@ _HF_KEYS_TYPED = {
     "rope_theta", "rope_parameters", "num_local_experts", "num_experts", "num_experts_per_tok",
     "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size", "decoder_sparse_step",
     "mlp_only_layers", "router_aux_loss_coef",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
 }  # fmt: skip
 # What the writer alone decides: the dtype and version of the files written now, and keys whose
 # meaning is the process that wrote the file (custom code, the source's path on the Hub).
@@ -300,7 +321,7 @@ def _rope_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
 
 def _sliding_windows_from_hf(d: dict[str, Any], mt: str, layers: int) -> list[int | None]:
     """Which layers use a sliding window, following each architecture's transformers rule."""
-    window = d.get("sliding_window", 4096 if mt == "mistral" else None)
+    window = d.get("sliding_window", 4096 if mt == "mistral" else None) if mt not in GRANITE_TYPES else None
     if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not d.get("use_sliding_window", False):
         window = None
     if not window:  # qwen2_moe writes 0 for "off"
@@ -331,9 +352,9 @@ def _sliding_windows_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
             raise UserError(f"{mt} applies its sliding window to every layer or none")
         d["sliding_window"] = window
         return
-    if mt == "llama":
+    if mt in ("llama", *GRANITE_TYPES):
         if window:
-            raise UserError("llama has no sliding window")
+            raise UserError(f"{mt} has no sliding window")
         return
     d["use_sliding_window"] = window is not None
     if window:
