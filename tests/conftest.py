@@ -82,9 +82,9 @@ def expert_weight(tensors: dict[str, torch.Tensor], target: str, layer: int, exp
     """One expert's matrix from a checkpoint's tensors, one tensor per expert or stacked (GraniteMoE)."""
     from dropup.hub import names as archs
 
-    for name, matrices in archs.fused_experts(target, layer).items():
-        if matrix in matrices:
-            return archs.expert_matrix(tensors[name], matrices, matrix)[expert]
+    stacked = archs.stacked_in(target, layer, matrix)
+    if stacked is not None:
+        return archs.expert_matrix(tensors[stacked[0]], stacked[1], matrix)[expert]
     return tensors[archs.expert_name(target, layer, expert, matrix)]
 
 

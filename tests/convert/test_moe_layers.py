@@ -22,7 +22,7 @@ SEQ = 24
 def deep(tmp_path_factory) -> dict[str, Path]:
     """Five-layer dense models: enough depth for every:2 and every:3 to differ from a list."""
     root = tmp_path_factory.mktemp("deep")
-    return {arch: build_dense(root / arch, arch, layers=LAYERS) for arch in ("qwen2", "qwen3", "llama")}
+    return {arch: build_dense(root / arch, arch, layers=LAYERS) for arch in ("qwen2", "qwen3", "llama", "granite")}
 
 
 def _hf(path: Path):
@@ -142,10 +142,13 @@ def test_bad_specs_are_one_line_and_write_nothing(deep, tmp_path, capsys, spec, 
     assert not out.exists()
 
 
-def test_mixtral_cannot_keep_layers_dense(deep, tmp_path, capsys):
+def test_mixtral_and_granitemoe_cannot_keep_layers_dense(deep, tmp_path, capsys):
     out = tmp_path / "moe"
     cli_fails(capsys, ["upcycle", str(deep["llama"]), str(out), "--moe-layers", "every:2"],
-              "mixtral cannot keep layers dense", "--target qwen2_moe or qwen3_moe")
+              "mixtral cannot keep layers dense", "only --target qwen2_moe and qwen3_moe can")
+    assert not out.exists()
+    cli_fails(capsys, ["upcycle", str(deep["granite"]), str(out), "--moe-layers", "1"],
+              "granitemoe cannot keep layers dense")
     assert not out.exists()
     # The same source can become a qwen3_moe with dense layers.
     upcycle(deep["llama"], out, target="qwen3_moe", moe_layers="every:2", method="naive", progress=False)

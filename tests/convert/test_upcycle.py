@@ -101,6 +101,15 @@ def test_granitemoe_stacks_the_experts_the_hub_way(dense_models, tmp_path):
     src_cfg = json.loads((src / "config.json").read_text())
     for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
         assert cfg[key] == src_cfg[key] != 1.0, key
+    # inspect reads the stacked layout: identical experts, parameters as transformers counts them
+    from dropup.analysis.experts import inspect_checkpoint
+
+    r = inspect_checkpoint(tmp_path / "moe", progress=False)
+    assert [s["mean_identical_neurons"] for s in r["similarity"]] == [1.0, 1.0]
+    assert r["total_params"] == sum(p.numel() for p in _hf(tmp_path / "moe").parameters())
+    _run(src, tmp_path / "drop", method="drop", ratio=0.5, num_experts=4)
+    sim = inspect_checkpoint(tmp_path / "drop", progress=False)["similarity"]
+    assert all(0.1 < s["mean_identical_neurons"] < 0.4 for s in sim)  # about (1 - r)^2 = 0.25
 
 
 @pytest.mark.parametrize("method", ["drop", "noise", "scratch"])

@@ -427,8 +427,8 @@ def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
     if moe_layers is not None:
         if target not in MIXED_LAYER_TYPES:
             raise UserError(f"--moe-layers: {target} cannot keep layers dense (its config.json has no "
-                            f"mlp_only_layers); use --target {' or '.join(MIXED_LAYER_TYPES)}, whichever SRC "
-                            "can become, or leave --moe-layers out")
+                            f"mlp_only_layers); only --target {' and '.join(MIXED_LAYER_TYPES)} can, or "
+                            "leave --moe-layers out")
         sparse_step, mlp_only = sparse_layout(moe_layers, cfg.num_hidden_layers)
     extra = {k: v for k, v in cfg.extra.items() if k not in _DENSE_ONLY_KEYS}
     extra["output_router_logits"] = False

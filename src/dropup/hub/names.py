@@ -154,12 +154,18 @@ def fused_experts(target: str, layer: int) -> dict[str, tuple[str, ...]]:
     return {f"{p}{name}.weight": matrices for name, matrices in _FUSED.get(target, {}).items()}
 
 
+def stacked_in(target: str, layer: int, matrix: str) -> tuple[str, tuple[str, ...]] | None:
+    """The fused tensor holding ``matrix`` of every expert and the matrices it stacks, or None
+    where each expert has a tensor of its own."""
+    return next(((n, ms) for n, ms in fused_experts(target, layer).items() if matrix in ms), None)
+
+
 def expert_name(target: str, layer: int, expert: int, matrix: str) -> str:
     """The tensor of one expert's matrix. For a fused target (``fused_experts``) it names that
     expert's part of a stacked tensor, which the converter fills but no file holds."""
-    for name, matrices in fused_experts(target, layer).items():
-        if matrix in matrices:
-            return f"{name}[{expert}].{matrix}"
+    stacked = stacked_in(target, layer, matrix)
+    if stacked is not None:
+        return f"{stacked[0]}[{expert}].{matrix}"
     return (
         f"model.layers.{layer}.{_MOE_BLOCK[target]}.experts.{expert}."
         f"{_EXPERT_MATRIX[target][matrix]}.weight"

@@ -46,9 +46,9 @@ def hf_names(name: str, cfg: ModelConfig) -> str | list[str] | Stacked:
     layer = int(m.group(1))
     if m.group(2) == "router.weight":
         return archs.router_name(cfg.model_type, layer)
-    for stacked, matrices in archs.fused_experts(cfg.model_type, layer).items():
-        if m.group(3) in matrices:
-            return Stacked(stacked, matrices, m.group(3))
+    stacked = archs.stacked_in(cfg.model_type, layer, m.group(3))
+    if stacked is not None:
+        return Stacked(*stacked, m.group(3))
     return [archs.expert_name(cfg.model_type, layer, e, m.group(3)) for e in range(cfg.num_experts)]
 
 
