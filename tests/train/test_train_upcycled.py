@@ -18,10 +18,10 @@ from dropup.train.config import load_config
 from dropup.train.loop import train
 
 
-def _train_two_steps(tmp_path, datasets, init):  # noqa: F811
+def _train_two_steps(tmp_path, datasets, init, **over):  # noqa: F811
     cfg = _config(tmp_path, datasets, steps=2, save_interval=2, eval_interval=2,
                   **{"model.preset": None, "model.init": str(init), "device": "cpu", "precision": "fp32",
-                     "compile": False})
+                     "compile": False, **over})
     return train(load_config(_write_yaml(tmp_path / "run.yaml", cfg)))
 
 
@@ -40,10 +40,12 @@ def test_two_steps_of_a_mixed_model_and_its_export(tmp_path, datasets):  # noqa:
     dense = build_dense(tmp_path / "dense", "qwen3", vocab=VOCAB, layers=3)
     init = tmp_path / "moe"
     upcycle(dense, init, method="drop", ratio=0.5, num_experts=4, top_k=2, moe_layers="0,2", progress=False)
-    run = _train_two_steps(tmp_path, datasets, init)
+    run = _train_two_steps(tmp_path, datasets, init, **{"analysis.routing": True, "analysis.tokens": 200})
     records = _metrics(run)
     assert len(records) == 2 and all(r["router_layers"] == [0, 2] for r in records)
     assert all(len(r["router_load"]) == len(r["router_entropy"]) == 2 for r in records)
+    routing = [json.loads(line) for line in (run / "analysis" / "routing.jsonl").read_text().splitlines()]
+    assert [r["layers"] for r in routing] == [[0, 2]] and len(routing[0]["jsd"]) == 2
     export = run / "ckpt" / "step_2" / "model"
     assert json.loads((export / "config.json").read_text())["mlp_only_layers"] == [1]
     # The dense layer was trained too, and is written under the dense names.
