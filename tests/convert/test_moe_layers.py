@@ -49,6 +49,7 @@ CASES = [
     ("qwen3", "qwen3_moe", "0,3,4", [0, 3, 4]),
     ("qwen2", "qwen2_moe", "every:2", [1, 3]),
     ("qwen2", "qwen2_moe", "4,1", [1, 4]),
+    ("qwen2", "qwen2_moe", [0, 2], [0, 2]),  # the Python API's list
 ]
 
 

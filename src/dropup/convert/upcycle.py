@@ -68,7 +68,7 @@ class UpcycleOptions:
     init_std: float = ranged(0.02, ge=0, hint=_STD)  # scratch
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
     target: Literal["auto", *archs.TARGET_TYPES] = "auto"
-    moe_layers: str | None = None  # "1,3" or "every:N": only these layers become MoE (Qwen-MoE targets)
+    moe_layers: str | None = None  # "1,3" (or [1, 3]) or "every:N": only these become MoE (Qwen-MoE targets)
     aux_loss_coef: float = ranged(0.02, ge=0, hint="the load-balancing coefficient; 0 turns the loss off")
     dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
@@ -93,6 +93,8 @@ class UpcycleOptions:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
         _check_shard_size(self.max_shard_size)
+        if isinstance(self.moe_layers, list | tuple):  # the Python API may list the indices
+            self.moe_layers = ",".join(map(str, self.moe_layers))
         if self.moe_layers is not None:
             parse_moe_layers(self.moe_layers)  # the syntax now; the range once SRC's depth is known
         if self.verify_text is not None:
