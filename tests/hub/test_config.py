@@ -106,3 +106,11 @@ def test_sizes_that_are_not_positive_integers_are_one_line(key, value):
     for read in (ModelConfig.from_hf, dense_shape):
         with pytest.raises(UserError, match=f"config.json '{key}' must be"):
             read(d)
+
+
+@pytest.mark.parametrize("value", [None, "2", True, float("inf")])
+def test_a_granite_multiplier_that_is_not_a_number_is_one_line(value):
+    d = _hf_config("granite", logits_scaling=value)
+    for read in (ModelConfig.from_hf, dense_shape):
+        with pytest.raises(UserError, match="config.json 'logits_scaling' is .*, not a number"):
+            read(d)

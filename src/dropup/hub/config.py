@@ -10,6 +10,7 @@ loader, the trainer's exports and ``dropup inspect`` all go through these two fu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,7 +181,10 @@ class ModelConfig:
         )
         if mt in GRANITE_TYPES:
             for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
-                setattr(cfg, key, float(d.get(key, 1.0)))
+                value = d.get(key, 1.0)  # transformers' default for each of the four
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise UserError(f"{where}: config.json '{key}' is {json.dumps(value)}, not a number")
+                setattr(cfg, key, float(value))
         if mt in ("mixtral", "granitemoe"):
             cfg.num_experts = count("num_local_experts", 8)
             cfg.num_experts_per_tok = count("num_experts_per_tok", 2)
