@@ -24,6 +24,9 @@ DENSE_ARCHS = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # q/k norm, head_dim that is not hidden / heads
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # Granite's four scalars away from 1, biases on all four attention projections
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, embedding_multiplier=3.0, residual_multiplier=0.4,
+                                      attention_multiplier=0.3, logits_scaling=2.5, attention_bias=True)),
 }
 
 
@@ -73,6 +76,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def expert_weight(tensors: dict[str, torch.Tensor], target: str, layer: int, expert: int, matrix: str) -> torch.Tensor:
+    """One expert's matrix from a checkpoint's tensors, one tensor per expert or stacked (GraniteMoE)."""
+    from dropup.hub import names as archs
+
+    stacked = archs.stacked_in(target, layer, matrix)
+    if stacked is not None:
+        return archs.expert_matrix(tensors[stacked[0]], stacked[1], matrix)[expert]
+    return tensors[archs.expert_name(target, layer, expert, matrix)]
 
 
 def cli_fails(capsys, argv, *needles) -> str:

@@ -63,6 +63,9 @@ def _upcycle_parser(sub) -> None:
                    help="btx: dense models of SRC's shape, trained further from it (directories or .gguf files)")
     p.add_argument("--target", default=d.target, choices=choices(UpcycleOptions, "target"),
                    help="the MoE architecture written (auto: mixtral for llama/mistral, qwen2_moe, qwen3_moe)")
+    p.add_argument("--moe-layers", default=d.moe_layers, metavar="SPEC",
+                   help="only these layers become MoE, the others keep the dense FFN: indices (1,3) or "
+                   "every:N (layers N-1, 2N-1, ...; Qwen-MoE's decoder_sparse_step); qwen2_moe, qwen3_moe")
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,
                    help="router_aux_loss_coef in config.json (default 0.02, the paper's)")
     p.add_argument("--dtype", default=d.dtype, choices=choices(UpcycleOptions, "dtype"),

@@ -56,6 +56,19 @@ def test_identical_to_dense_follows_the_method(models, tmp_path):
     assert "| naive | 1.0000 | 1.0000 | 1.0000 | - |" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("arch, spec, layers", [("qwen3", "every:2", [1, 3]), ("granite", None, [0, 1, 2, 3])])
+def test_mixed_layers_and_stacked_experts(tmp_path, arch, spec, layers):
+    """A model with dense layers (--moe-layers) lists only its MoE layers, under their indices;
+    GraniteMoE's stacked experts are read like per-expert ones. drop r = 0.5: half of each
+    expert's neurons still equal the dense FFN's."""
+    dense = build_dense(tmp_path / "dense", arch, d_f=128, layers=4, vocab=VOCAB)
+    moe = tmp_path / "moe"
+    upcycle(dense, moe, method="drop", ratio=0.5, num_experts=4, top_k=1, moe_layers=spec, progress=False)
+    r = analyze_experts([moe], tmp_path / "out", _opts(dense=str(dense)))["checkpoints"][0]
+    assert [x["layer"] for x in r["layers"]] == layers
+    assert r["summary"]["mean_identical_to_dense"] == pytest.approx(0.5, abs=0.02)
+
+
 def test_skip_zero_leaves_logits_unchanged(models):
     model = load_model(models["drop"], dtype=torch.float32).eval()
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))

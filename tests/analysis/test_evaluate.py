@@ -47,7 +47,10 @@ def setup(tmp_path_factory) -> dict:
             shutil.copy(f, dense / f.name)
     moe = tmp / "moe"
     upcycle(dense, moe, num_experts=4, top_k=2, ratio=0.5, progress=False)
-    return {"tmp": tmp, "prose": prose, "code": code, "dense": dense, "moe": moe, "vocab": vocab}
+    # MoE in layer 1 only, layer 0 keeps the dense FFN (a Qwen3-MoE's mlp_only_layers)
+    mixed = tmp / "mixed"
+    upcycle(dense, mixed, target="qwen3_moe", moe_layers="1", num_experts=4, top_k=2, ratio=0.5, progress=False)
+    return {"tmp": tmp, "prose": prose, "code": code, "dense": dense, "moe": moe, "mixed": mixed, "vocab": vocab}
 
 
 def _hand(model_dir: Path, dataset: Path, seq_len: int) -> tuple[float, int, int]:
@@ -72,7 +75,7 @@ def _hand(model_dir: Path, dataset: Path, seq_len: int) -> tuple[float, int, int
     return nll, n, n_bytes
 
 
-@pytest.mark.parametrize("which", ["dense", "moe"])
+@pytest.mark.parametrize("which", ["dense", "moe", "mixed"])
 def test_loss_and_bits_per_byte_equal_a_hand_computation(setup, which):
     report = evaluate(EvalOptions([str(setup[which])], [str(setup["prose"])], seq_len=16, batch_size=3, **CPU))
     got = report["models"][0]["datasets"]["prose"]

@@ -246,6 +246,26 @@ def test_naive_upcycle_routing_depends_only_on_router_rows(dense, domains, tmp_p
     assert res["models"][0]["mean_jsd"] == pytest.approx(res["models"][1]["mean_jsd"], abs=1e-12)
 
 
+def test_an_upcycle_with_dense_layers_reports_only_its_moe_layers(domains, tmp_path):
+    """--moe-layers every:2 on a 4-layer model: routing.json names layers 1 and 3 (their true
+    indices) and their counts are transformers' own, layer by layer."""
+    from dropup.convert.upcycle import upcycle
+    from dropup.errors import UserError
+
+    src = build_dense(tmp_path / "dense", "qwen3", vocab=VOCAB, layers=4)
+    moe = tmp_path / "moe"
+    upcycle(src, moe, method="drop", ratio=0.5, num_experts=4, top_k=2, moe_layers="every:2",
+            router_init="normal", router_std=0.5, progress=False)
+    res = analyze_routing(RoutingOptions([moe], domains, str(tmp_path / "out"), tokens=100, seq_len=20,
+                                         device="cpu"))
+    m = res["models"][0]
+    assert m["layers"] == [1, 3] and len(m["counts"]) == len(m["jsd"]) == 2
+    for d, ds in enumerate(domains):
+        np.testing.assert_array_equal(np.asarray(m["counts"])[:, d], _hf_counts(moe, _val_tokens(ds, 100), 20)[0])
+    with pytest.raises(UserError, match="--layers 2 is not an MoE layer"):
+        analyze_routing(RoutingOptions([moe], domains, str(tmp_path / "out2"), tokens=100, device="cpu", layers=[2]))
+
+
 # ---- outputs, a run directory, the CLI ---------------------------------------------------------
 
 def _fake_run(root: Path, steps: dict[int, Path]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DENSE_ARCHS, build_dense, load_tensors
+from conftest import DENSE_ARCHS, build_dense, expert_weight, load_tensors
 
 from dropup import upcycle
 from dropup.convert.surgery import num_reinit
@@ -43,7 +43,7 @@ def _ffn(dense: dict, layer: int) -> dict[str, torch.Tensor]:
 
 
 def _expert(moe: dict, target: str, layer: int, e: int) -> dict[str, torch.Tensor]:
-    return {m: moe[archs.expert_name(target, layer, e, m)] for m in ("gate", "up", "down")}
+    return {m: expert_weight(moe, target, layer, e, m) for m in ("gate", "up", "down")}
 
 
 def _changed_neurons(new: torch.Tensor, old: torch.Tensor, matrix: str) -> torch.Tensor:
@@ -83,6 +83,58 @@ def test_hub_tensor_names(dense_models, tmp_path):
     assert not any("gate_up_proj" in k for k in mix)
 
 
+def test_granitemoe_stacks_the_experts_the_hub_way(dense_models, tmp_path):
+    """GraniteMoE's Hub layout: input_linear [E, 2 d_f, d_h] = gate and up of each expert stacked,
+    output_linear [E, d_h, d_f] = down, router.layer [E, d_h]; the multipliers carried over."""
+    src = dense_models["granite"]
+    _run(src, tmp_path / "moe", method="naive", num_experts=4)
+    t, dense = load_tensors(tmp_path / "moe"), load_tensors(src)
+    p = "model.layers.1.block_sparse_moe."
+    assert t[p + "input_linear.weight"].shape == (4, 128, 32) and t[p + "output_linear.weight"].shape == (4, 32, 64)
+    assert t[p + "router.layer.weight"].shape == (4, 32)
+    assert not any(".experts." in k or ".mlp." in k for k in t)
+    for e in range(4):
+        assert torch.equal(t[p + "input_linear.weight"][e], torch.cat([dense["model.layers.1.mlp.gate_proj.weight"],
+                                                                       dense["model.layers.1.mlp.up_proj.weight"]]))
+        assert torch.equal(t[p + "output_linear.weight"][e], dense["model.layers.1.mlp.down_proj.weight"])
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    src_cfg = json.loads((src / "config.json").read_text())
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        assert cfg[key] == src_cfg[key] != 1.0, key
+    # inspect reads the stacked layout: identical experts, parameters as transformers counts them
+    from dropup.analysis.experts import inspect_checkpoint
+
+    r = inspect_checkpoint(tmp_path / "moe", progress=False)
+    assert [s["mean_identical_neurons"] for s in r["similarity"]] == [1.0, 1.0]
+    assert r["total_params"] == sum(p.numel() for p in _hf(tmp_path / "moe").parameters())
+    _run(src, tmp_path / "drop", method="drop", ratio=0.5, num_experts=4)
+    sim = inspect_checkpoint(tmp_path / "drop", progress=False)["similarity"]
+    assert all(0.1 < s["mean_identical_neurons"] < 0.4 for s in sim)  # about (1 - r)^2 = 0.25
+
+
+@pytest.mark.parametrize("method", ["drop", "noise", "scratch"])
+def test_stacked_experts_equal_per_expert_ones(dense_models, tmp_path, method):
+    """Each method builds an expert the same way whether it is written on its own or as a slice
+    of GraniteMoE's stacked tensors: the granite source read as a llama (same tensors) gives
+    qwen3_moe experts bit-identical to the granitemoe slices."""
+    import shutil
+
+    src = dense_models["granite"]
+    as_llama = tmp_path / "as-llama"
+    shutil.copytree(src, as_llama)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (as_llama / "config.json").write_text(json.dumps(cfg))
+    kw = dict(method=method, ratio=0.5, num_experts=4, seed=5, dtype="bfloat16")
+    _run(src, tmp_path / "stacked", **kw)
+    _run(as_llama, tmp_path / "per-expert", target="qwen3_moe", **kw)
+    a, b = load_tensors(tmp_path / "stacked"), load_tensors(tmp_path / "per-expert")
+    for layer in range(2):
+        for e in range(4):
+            x, y = _expert(a, "granitemoe", layer, e), _expert(b, "qwen3_moe", layer, e)
+            assert all(x[m].dtype == torch.bfloat16 and torch.equal(x[m], y[m]) for m in x), (layer, e)
+
+
 def test_qwen2_moe_shared_expert_starts_silent(dense_models, tmp_path):
     _run(dense_models["qwen2"], tmp_path / "moe", method="drop", ratio=0.5)
     t = load_tensors(tmp_path / "moe")
@@ -116,7 +168,7 @@ def test_scratch_has_expected_parameters(dense_models, tmp_path, arch):
     t = load_tensors(tmp_path / "moe")
     assert torch.equal(t["model.norm.weight"], torch.ones(32))
     target = archs.TARGETS_OF[arch.removesuffix("-tied")][0]
-    w = torch.cat([t[archs.expert_name(target, 1, e, "up")].flatten() for e in range(4)])
+    w = torch.cat([expert_weight(t, target, 1, e, "up").flatten() for e in range(4)])
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
     dense_t = load_tensors(src)
     assert not torch.equal(t["model.embed_tokens.weight"], dense_t["model.embed_tokens.weight"])

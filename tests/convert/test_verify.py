@@ -24,7 +24,8 @@ TEXT = ("the quick brown fox jumps over the lazy dog and runs far away into the 
 
 
 @pytest.mark.parametrize("arch,target", [("mistral", "mixtral"), ("qwen2", "qwen2_moe"),
-                                         ("qwen3", "qwen3_moe"), ("llama", "mixtral")])
+                                         ("qwen3", "qwen3_moe"), ("llama", "mixtral"),
+                                         ("granite", "granitemoe")])
 def test_streamed_forward_equals_transformers_full_model(dense_models, tmp_path, arch, target):
     from transformers import AutoModelForCausalLM
 

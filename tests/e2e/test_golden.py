@@ -49,6 +49,8 @@ UPCYCLE_CASES = {
     "qwen2-qwen2_moe": ("qwen2", dict(method="drop")),
     "qwen2-qwen2_moe-scratch": ("qwen2", dict(method="scratch")),
     "qwen3-qwen3_moe": ("qwen3", dict(method="noise", ratio=0.5)),
+    "qwen3-qwen3_moe-layer-1-only": ("qwen3", dict(method="drop", moe_layers="1")),
+    "granite-granitemoe": ("granite", dict(method="drop", ratio=0.5)),
 }
 SOURCES_OF_CASES = {"llama-b": "llama", "llama-c": "llama", "llama-d": "llama"}
 

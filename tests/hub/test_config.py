@@ -63,7 +63,7 @@ def test_missing_key_is_one_user_error_for_every_reader():
             read(d)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "granite"])
 def test_converter_and_export_write_the_same_config(dense_models, tmp_path, arch):
     """The converter's config.json, read back and written by save_model (what the trainer's export
     does), is the same file apart from the version stamp: one writer."""
@@ -105,4 +105,12 @@ def test_sizes_that_are_not_positive_integers_are_one_line(key, value):
     d = _hf_config("llama", **{key: value})
     for read in (ModelConfig.from_hf, dense_shape):
         with pytest.raises(UserError, match=f"config.json '{key}' must be"):
+            read(d)
+
+
+@pytest.mark.parametrize("value", [None, "2", True, float("inf")])
+def test_a_granite_multiplier_that_is_not_a_number_is_one_line(value):
+    d = _hf_config("granite", logits_scaling=value)
+    for read in (ModelConfig.from_hf, dense_shape):
+        with pytest.raises(UserError, match="config.json 'logits_scaling' is .*, not a number"):
             read(d)

@@ -61,6 +61,16 @@ CASES = {
         dict(intermediate_size=80, moe_intermediate_size=32, num_experts=5, num_experts_per_tok=2, norm_topk_prob=True,
              head_dim=16, attention_bias=True),
     ),
+    "granite-multipliers-bias": (
+        "GraniteConfig",
+        dict(intermediate_size=96, attention_bias=True, embedding_multiplier=4.0, residual_multiplier=0.3,
+             attention_multiplier=0.2, logits_scaling=3.0),
+    ),
+    "granitemoe-multipliers-stacked": (
+        "GraniteMoeConfig",
+        dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+             residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=1.5, tie_word_embeddings=True),
+    ),
 }  # fmt: skip
 
 
@@ -75,7 +85,7 @@ def make_hf_model(name: str, seed: int = 0):
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif pname.endswith((".gate.weight", "shared_expert_gate.weight")):
+            elif pname.endswith((".gate.weight", "shared_expert_gate.weight", ".router.weight")):
                 p.normal_(0, 0.5)
             else:
                 p.normal_(0, 0.08)
@@ -105,6 +115,7 @@ def test_checkpoints_use_hub_per_expert_names(hf_models):
         ("qwen2_moe-shared-dense-layer", "model.layers.0.mlp.experts.5.down_proj.weight"),
         ("qwen2_moe-shared-dense-layer", "model.layers.0.mlp.shared_expert_gate.weight"),
         ("qwen3_moe-normtopk", "model.layers.1.mlp.experts.0.gate_proj.weight"),
+        ("granitemoe-multipliers-stacked", "model.layers.1.block_sparse_moe.input_linear.weight"),
     ]:
         with safe_open(str(hf_models[name][1] / "model.safetensors"), "pt") as f:
             assert expected in f.keys(), name
@@ -187,7 +198,8 @@ def test_aux_loss_modes_and_z_loss():
         load_balancing_loss(logits, k, e, mode="global")
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe-shared-dense-layer", "llama-llama3rope-bias-tied"])
+@pytest.mark.parametrize("name", ["qwen2_moe-shared-dense-layer", "llama-llama3rope-bias-tied",
+                                  "granitemoe-multipliers-stacked"])
 def test_save_reload_in_transformers_identical(hf_models, tmp_path, name):
     hf, path = hf_models[name]
     ours = load_model(path)

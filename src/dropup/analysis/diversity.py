@@ -244,7 +244,7 @@ def analyze_checkpoint(path: Path, opts: ExpertsOptions, datasets: dict[str, tor
     cfg = _moe_config_for_analysis(ck)
     dense = _dense_ffn(CheckpointReader(opts.dense, "--dense"), cfg) if opts.dense else None
     layers = []
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    moe_layers = cfg.moe_layers
     for i in moe_layers:
         s = layer_similarity(ck, cfg.model_type, i, cfg.num_experts, dense[i] if dense else None)
         layers.append({"layer": i, "cosine": s.cosine.tolist(), "identical_neurons": s.identical.tolist(),

@@ -8,7 +8,6 @@ themselves are memory-mapped), not for the model.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +43,46 @@ def _int_dtype(dtype: torch.dtype) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
-def _check_experts(ck: CheckpointReader, layer: int, names: dict[tuple[int, str], str]) -> None:
+def _check_experts(ck: CheckpointReader, layer: int, found: dict[tuple[int, str], tuple[str, tuple, torch.dtype]]) -> None:
     """Experts are compared block by block, which needs one shape for all of them, and by bit
-    fingerprints, which need floats of 2, 4 or 8 bytes: anything else would fail inside torch."""
-    gate = ck.tensors[names[(0, "gate")]].shape
+    fingerprints, which need floats of 2, 4 or 8 bytes: anything else would fail inside torch.
+    ``found``: (expert, matrix) -> (what it is called, shape, dtype)."""
+    gate = found[(0, "gate")][1]
     d_f, hidden = gate if len(gate) == 2 else (0, 0)
     expected = {"gate": (d_f, hidden), "up": (d_f, hidden), "down": (hidden, d_f)}
-    for (_, m), n in names.items():
-        info = ck.tensors[n]
-        if info.shape != expected[m] or not d_f or not hidden:
-            raise UserError(f"inspect: {ck.path}: {n} has shape {list(info.shape)}, but expert 0 of layer "
+    for (_, m), (n, shape, dtype) in found.items():
+        if tuple(shape) != expected[m] or not d_f or not hidden:
+            raise UserError(f"inspect: {ck.path}: {n} has shape {list(shape)}, but expert 0 of layer "
                             f"{layer} has a gate of shape {list(gate)}; the checkpoint is malformed")
-        if not info.dtype.is_floating_point or info.dtype.itemsize not in (2, 4, 8):
-            raise UserError(f"inspect: {ck.path}: {n} is {str(info.dtype).removeprefix('torch.')}, "
+        if not dtype.is_floating_point or dtype.itemsize not in (2, 4, 8):
+            raise UserError(f"inspect: {ck.path}: {n} is {str(dtype).removeprefix('torch.')}, "
                             "not a floating-point weight; the checkpoint is malformed")
+
+
+def _layer_experts(ck: CheckpointReader, target: str, layer: int, num_experts: int) -> dict[str, list[torch.Tensor]]:
+    """Each matrix of every expert of one layer (index = expert), checked, in either Hub layout:
+    one tensor per expert and matrix, or GraniteMoE's tensors stacking all experts."""
+    fused = archs.fused_experts(target, layer)
+    if not fused:
+        names = {(e, m): archs.expert_name(target, layer, e, m)
+                 for e in range(num_experts) for m in surgery.FFN_MATRICES}
+        if any(n not in ck.tensors for n in names.values()):
+            raise UserError(f"inspect: {ck.path} does not store per-expert tensors for layer {layer}")
+        _check_experts(ck, layer, {k: (n, ck.tensors[n].shape, ck.tensors[n].dtype) for k, n in names.items()})
+        return {m: [ck.get(names[(e, m)]) for e in range(num_experts)] for m in surgery.FFN_MATRICES}
+    found, stacks = {}, {}
+    for name, matrices in fused.items():
+        info = ck.tensors.get(name)
+        if info is None or len(info.shape) != 3 or info.shape[0] != num_experts or info.shape[1] % len(matrices):
+            raise UserError(f"inspect: {ck.path} has no {name} of shape [{num_experts}, "
+                            f"{len(matrices)} x d_f or d_h, ...] for layer {layer}")
+        stacks[name] = ck.get(name)
+        for m in matrices:
+            shape = archs.expert_matrix(torch.empty(info.shape, device="meta"), matrices, m).shape[1:]
+            found.update({(e, m): (f"{name} ({m} of expert {e})", shape, info.dtype) for e in range(num_experts)})
+    _check_experts(ck, layer, found)
+    return {m: list(archs.expert_matrix(stacks[name], matrices, m).unbind(0))
+            for name, matrices in fused.items() for m in matrices}
 
 
 @dataclass(frozen=True)
@@ -104,12 +129,7 @@ def layer_similarity(ck: CheckpointReader, target: str, layer: int, num_experts:
     are reused across blocks and matrices: on a small machine, fresh allocations (page faults)
     cost more than the arithmetic.
     """
-    names = {(e, m): archs.expert_name(target, layer, e, m)
-             for e in range(num_experts) for m in surgery.FFN_MATRICES}
-    if any(n not in ck.tensors for n in names.values()):
-        raise UserError(f"inspect: {ck.path} does not store per-expert tensors for layer {layer}")
-    _check_experts(ck, layer, names)
-    mats = {m: [ck.get(names[(e, m)]) for e in range(num_experts)] for m in surgery.FFN_MATRICES}
+    mats = _layer_experts(ck, target, layer, num_experts)
     dtype = mats["gate"][0].dtype
     if dense is not None:
         for m in surgery.FFN_MATRICES:
@@ -168,15 +188,11 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool
     target, num_experts, top_k, layers = cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     shapes = {n: info.shape for n, info in ck.tensors.items()
               if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
-    per_expert = 0
-    for m in surgery.FFN_MATRICES:
-        name = archs.expert_name(target, 0, 0, m)
-        if name in ck.tensors:
-            per_expert += math.prod(ck.tensors[name].shape)
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
-    total, active = parameter_counts(shapes, moe_layers * num_experts * per_expert, num_experts, top_k)
+    moe = cfg.moe_layers  # Qwen-MoE may keep some layers dense (no experts there)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down of a SwiGLU expert
+    total, active = parameter_counts(shapes, len(moe) * num_experts * per_expert, num_experts, top_k)
     report: dict = {
-        "path": str(ck.path), "architecture": target, "layers": layers,
+        "path": str(ck.path), "architecture": target, "layers": layers, "moe_layers": moe,
         "hidden_size": cfg.hidden_size, "expert_intermediate_size": cfg.moe_intermediate_size,
         "num_experts": num_experts, "top_k": top_k,
         "total_params": total, "active_params": active,
@@ -193,8 +209,6 @@ def inspect_checkpoint(path: str | Path, similarity: bool = True, progress: bool
             # history is missing rather than refuse to describe it.
             report["upcycling_unreadable"] = str(e)
     if similarity:
-        # Qwen-MoE may interleave dense layers, which have no experts to compare.
-        moe = [i for i in range(layers) if cfg.is_moe_layer(i)]
         # Reading every expert of a large checkpoint takes a while: show it on a terminal.
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -267,10 +281,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _dense_layers(r: dict) -> str:
+    moe = r["moe_layers"]
+    if len(moe) == r["layers"]:
+        return ""
+    return f", MoE in {len(moe)} of them: {', '.join(map(str, moe))}"
+
+
 def format_report(r: dict) -> str:
     lines = [
         f"checkpoint   {r['path']}",
-        f"architecture {r['architecture']}  ({r['layers']} layers, hidden {r['hidden_size']}, "
+        f"architecture {r['architecture']}  ({r['layers']} layers{_dense_layers(r)}, hidden {r['hidden_size']}, "
         f"expert d_f {r['expert_intermediate_size']}, dtype {r['dtype']})",
         f"experts      {r['num_experts']} routed, top-{r['top_k']}"
         + (", plus a shared expert" if r["shared_expert"] else "")

@@ -245,7 +245,7 @@ def route_model(model, samples: list[np.ndarray], seq_len: int, batch_size: int,
     of the same shape) the top-k overlap per layer, mean over tokens of |A & B| / k."""
     cfg = model.config
     device = next(model.parameters()).device
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    moe_layers = cfg.moe_layers
     counts = RoutingCounts(len(moe_layers), len(samples), cfg.num_experts, cfg.num_experts_per_tok,
                            cfg.vocab_size, [moe_layers.index(l) for l in vocab_layers], device)
     kept: list[list[torch.Tensor]] = [[] for _ in moe_layers]
@@ -372,7 +372,7 @@ def _seq_len(opts: RoutingOptions, models: list[_Model]) -> int:
 
 
 def _moe_layers(cfg: ModelConfig) -> list[int]:
-    return [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    return cfg.moe_layers
 
 
 def _figure_layers(opts: RoutingOptions, m: _Model) -> list[int]:

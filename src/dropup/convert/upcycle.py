@@ -36,7 +36,7 @@ from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import model_name, parameter_counts, upcycling_info, write_model_card
-from dropup.hub.config import config_json, dense_to_moe
+from dropup.hub.config import config_json, dense_to_moe, parse_moe_layers
 from dropup.hub.gguf import dense_source
 from dropup.hub.gguf import origin as gguf_origin
 from dropup.hub.safetensors import (
@@ -68,6 +68,7 @@ class UpcycleOptions:
     init_std: float = ranged(0.02, ge=0, hint=_STD)  # scratch
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
     target: Literal["auto", *archs.TARGET_TYPES] = "auto"
+    moe_layers: str | None = None  # "1,3" (or [1, 3]) or "every:N": only these become MoE (Qwen-MoE targets)
     aux_loss_coef: float = ranged(0.02, ge=0, hint="the load-balancing coefficient; 0 turns the loss off")
     dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
@@ -92,6 +93,10 @@ class UpcycleOptions:
             raise UserError(f"--method {self.method} needs --sources SRC2 [SRC3 ...]: the dense "
                             "models trained further from SRC")
         _check_shard_size(self.max_shard_size)
+        if isinstance(self.moe_layers, list | tuple):  # the Python API may list the indices
+            self.moe_layers = ",".join(map(str, self.moe_layers))
+        if self.moe_layers is not None:
+            parse_moe_layers(self.moe_layers)  # the syntax now; the range once SRC's depth is known
         if self.verify_text is not None:
             self.verify = True
 
@@ -117,6 +122,7 @@ class Context:
     target: str
     out_dtype: torch.dtype
     sources: list[CheckpointReader]
+    moe_layers: list[int] | None = None  # the layers that become MoE (None: all); the others stay dense
     experts: dict[tuple[int, int], dict] = field(default_factory=dict)  # provenance per expert
     checksums: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, tensor) -> sha
     writer: ShardedWriter | None = None  # set once the plan is known
@@ -124,8 +130,9 @@ class Context:
     _local: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
-        self.experts = {(layer, e): {} for layer in range(self.shape.layers)
-                        for e in range(self.opts.num_experts)}
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.shape.layers))
+        self.experts = {(layer, e): {} for layer in self.moe_layers for e in range(self.opts.num_experts)}
         self.cache = _FFNCache(self)
 
     def read(self, source: int, name: str) -> torch.Tensor:
@@ -238,11 +245,23 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         if archs.adds_qk_norm(shape, target):
             for name in archs.qk_norm_names(layer):
                 add(name, (shape.head_dim,), lambda: torch.ones((shape.head_dim,), dtype=dt))
+        if layer not in ctx.moe_layers:
+            # A dense layer of a Qwen-MoE keeps the dense MLP under the dense names, made like
+            # the non-FFN tensors: copied bit for bit (averaged for btx, drawn for scratch).
+            for m in surgery.FFN_MATRICES:
+                name = shape.ffn_name(layer, m)
+                add(name, shape.ffn_shape(m), partial(non_ffn_tensor, ctx, name, shape.ffn_shape(m)))
+            continue
         router_key = surgery.derive_seed(o.seed, "router", layer)
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
             lambda k=router_key: surgery.router_weight(
                 o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
-        for expert in range(o.num_experts):
+        fused = archs.fused_experts(target, layer)
+        for name, matrices in fused.items():
+            rows, cols = shape.ffn_shape(matrices[0])
+            add(name, (o.num_experts, rows * len(matrices), cols),
+                partial(_stacked_experts, ctx, build_expert, layer, name, matrices))
+        for expert in range(o.num_experts if not fused else 0):
             for m in surgery.FFN_MATRICES:
                 name = archs.expert_name(target, layer, expert, m)
                 add(name, shape.ffn_shape(m), partial(build_expert, ctx, layer, expert, m, name))
@@ -260,6 +279,44 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         if name in non_ffn:
             add_non_ffn(name)
     return plan
+
+
+class _PartsWriter:
+    """The writer as the methods see it when a layer's experts are stacked in one tensor
+    (GraniteMoE): the buffer of an expert's part is its slice of the stacked tensor's buffer, so
+    each method writes its expert in place, as it would write a tensor of its own."""
+
+    def __init__(self, writer: ShardedWriter):
+        self.writer = writer
+        self.views: dict[str, torch.Tensor] = {}  # part name -> slice, while its expert is built
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.views[name] if name in self.views else self.writer.buffer(name)
+
+    def placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.views[name].copy_(t) if name in self.views else self.writer.placed(name, t)
+
+    def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t  # parts are copied into the stacked buffer anyway
+
+
+def _stacked_experts(ctx: Context, build_expert: Callable, layer: int, name: str,
+                     matrices: tuple[str, ...]) -> torch.Tensor:
+    """A tensor of all experts of one layer, [E, rows, cols], ``matrices`` stacked along dim 1:
+    every expert's matrix made by the method, as in the per-expert layout, into its slice."""
+    parts: _PartsWriter = ctx.writer
+    out = parts.writer.buffer(name)
+    for expert in range(ctx.opts.num_experts):
+        for m in matrices:
+            part, view = archs.expert_name(ctx.target, layer, expert, m), archs.expert_matrix(out, matrices, m)[expert]
+            parts.views[part] = view
+            try:
+                made = build_expert(ctx, layer, expert, m, part)
+            finally:
+                del parts.views[part]
+            if made.data_ptr() != view.data_ptr():
+                view.copy_(made)
+    return out
 
 
 def _resolve_dtype(opts: UpcycleOptions, src: CheckpointReader) -> torch.dtype:
@@ -321,10 +378,10 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
     moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
-                       aux_loss_coef=opts.aux_loss_coef)
+                       aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
-    ctx = Context(opts, method, shape, target, out_dtype, sources)
+    ctx = Context(opts, method, shape, target, out_dtype, sources, moe_layers=moe.moe_layers)
     if opts.verify:
         from dropup.convert.verify import verify, windows
 
@@ -337,7 +394,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
                     full_advice="free space (see upcycle's size estimate)") as tmp:
         check_free_space(out, total + (64 << 20))
         with ShardedWriter(tmp, [spec for spec, _ in plan], parse_size(opts.max_shard_size)) as writer:
-            ctx.writer = writer
+            ctx.writer = _PartsWriter(writer) if archs.fused_experts(target, 0) else writer
             _run_plan(plan, writer, opts)
         (tmp / "config.json").write_text(config_json(config))
         side = main.copy_side_files(tmp)
@@ -386,7 +443,7 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
 
 def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance: dict) -> dict:
     shape, o = ctx.shape, ctx.opts
-    routed = shape.layers * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
+    routed = len(ctx.moe_layers) * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
     total, active = parameter_counts({spec.name: spec.shape for spec, _ in plan}, routed, o.num_experts, o.top_k)
     return {"model_type": ctx.target, "layers": shape.layers, "num_experts": o.num_experts, "top_k": o.top_k,
             "total_params": total, "active_params": active, "base_model": model_name(ctx.sources[0].path),
@@ -402,8 +459,9 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
         # Producers run on a thread pool and fill rec in completion order: write a fixed order.
         return {k: rec[k] for k in (*surgery.FFN_MATRICES, "intact_fraction") if k in rec}
 
-    per_layer = [[{"expert": e, **entry(ctx.experts[(layer, e)])} for e in range(opts.num_experts)]
-                 for layer in range(shape.layers)]
+    # One list per decoder layer, empty for a layer kept dense.
+    per_layer = [[{"expert": e, **entry(ctx.experts[(layer, e)])} for e in range(opts.num_experts)
+                  if (layer, e) in ctx.experts] for layer in range(shape.layers)]
     intact = [x["intact_fraction"] for layer in per_layer for x in layer]
     by_source: dict[str, dict[str, str]] = {}
     for (path, name), digest in sorted(ctx.checksums.items()):
@@ -429,5 +487,6 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
         "output_bytes": total,
         "seconds": round(seconds, 3),
         "mean_intact_fraction": sum(intact) / len(intact),
+        "moe_layers": list(ctx.moe_layers),
         "layers": per_layer,
     }

@@ -10,14 +10,17 @@ loader, the trainer's exports and ``dropup inspect`` all go through these two fu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dropup.errors import UserError
 from dropup.options import Range
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
+# MoE types whose config.json can keep some layers dense (mlp_only_layers, decoder_sparse_step).
+MIXED_LAYER_TYPES = ("qwen2_moe", "qwen3_moe")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
 ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "llama": "LlamaForCausalLM",
@@ -27,7 +30,12 @@ ARCHITECTURES = {  # model_type -> the transformers class named in config.json
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
 }
+# IBM Granite: a Llama with four scalars (see ModelConfig); no sliding window, bias on all four
+# attention projections or none.
+GRANITE_TYPES = ("granite", "granitemoe")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _COUNT = Range(ge=1, integer=True)
 
@@ -75,6 +83,13 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.02  # the paper's; as written in config.json (the trainer has its own)
+    # Granite's scalars (the neutral values elsewhere): embeddings times embedding_multiplier, each
+    # residual branch times residual_multiplier, attention scores times attention_multiplier
+    # (None: 1 / sqrt(head_dim)), logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # "rope_parameters" (transformers 5) or "rope_scaling" (4.x): written back the way it was read.
     rope_key: str = "rope_scaling"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +109,11 @@ class ModelConfig:
             and i not in self.mlp_only_layers
             and (i + 1) % self.decoder_sparse_step == 0
         )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers (all of them unless Qwen-MoE keeps some dense)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     # ---- from / to config.json ------------------------------------------------------------
 
@@ -135,7 +155,7 @@ class ModelConfig:
             "mistral": False,
             "mixtral": False,
         }.get(mt, attention_bias)
-        o_bias = attention_bias if mt in ("llama", "qwen3", "qwen3_moe") else False
+        o_bias = attention_bias if mt in ("llama", "qwen3", "qwen3_moe", *GRANITE_TYPES) else False
 
         theta, scaling = _rope_from_hf(d, mt)
         cfg = cls(
@@ -159,11 +179,19 @@ class ModelConfig:
             router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),  # transformers' default
             rope_key="rope_parameters" if "rope_parameters" in d else "rope_scaling",
         )
-        if mt == "mixtral":
+        if mt in GRANITE_TYPES:
+            for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+                value = d.get(key, 1.0)  # transformers' default for each of the four
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise UserError(f"{where}: config.json '{key}' is {json.dumps(value)}, not a number")
+                setattr(cfg, key, float(value))
+        if mt in ("mixtral", "granitemoe"):
             cfg.num_experts = count("num_local_experts", 8)
             cfg.num_experts_per_tok = count("num_experts_per_tok", 2)
             cfg.moe_intermediate_size = cfg.intermediate_size
-            cfg.norm_topk_prob = True  # Mixtral always renormalises the top-k weights
+            # Mixtral renormalises the top-k softmax weights; GraniteMoE takes the softmax of the
+            # top-k logits, the same weights.
+            cfg.norm_topk_prob = True
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # transformers 5 writes qwen3_moe's expert count as num_local_experts.
             cfg.num_experts = count("num_experts") if "num_experts" in d else need("num_local_experts")
@@ -190,7 +218,7 @@ class ModelConfig:
             architectures=[ARCHITECTURES[mt]],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
-            intermediate_size=self.moe_intermediate_size if mt == "mixtral" else self.intermediate_size,
+            intermediate_size=self.moe_intermediate_size if mt in ("mixtral", "granitemoe") else self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
@@ -200,15 +228,18 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        if mt in ("llama", "qwen3", "qwen3_moe"):
+        if mt in ("llama", "qwen3", "qwen3_moe", *GRANITE_TYPES):
             d["attention_bias"] = self.qkv_bias
-            if mt == "llama":
+            if mt in ("llama", "granite"):
                 d["mlp_bias"] = False
+        if mt in GRANITE_TYPES:
+            d.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
+                     attention_multiplier=self.attention_multiplier, logits_scaling=self.logits_scaling)
         if mt == "qwen2_moe":
             d["qkv_bias"] = self.qkv_bias
         _rope_to_hf(self, d)
         _sliding_windows_to_hf(self, d)
-        if mt == "mixtral":
+        if mt in ("mixtral", "granitemoe"):
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif mt in ("qwen2_moe", "qwen3_moe"):
             # num_experts, not num_local_experts: transformers 4.x reads only this spelling and
@@ -258,6 +289,7 @@ _HF_KEYS_TYPED = {
     "rope_theta", "rope_parameters", "num_local_experts", "num_experts", "num_experts_per_tok",
     "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size", "decoder_sparse_step",
     "mlp_only_layers", "router_aux_loss_coef",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
 }  # fmt: skip
 # What the writer alone decides: the dtype and version of the files written now, and keys whose
 # meaning is the process that wrote the file (custom code, the source's path on the Hub).
@@ -293,7 +325,7 @@ def _rope_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
 
 def _sliding_windows_from_hf(d: dict[str, Any], mt: str, layers: int) -> list[int | None]:
     """Which layers use a sliding window, following each architecture's transformers rule."""
-    window = d.get("sliding_window", 4096 if mt == "mistral" else None)
+    window = d.get("sliding_window", 4096 if mt == "mistral" else None) if mt not in GRANITE_TYPES else None
     if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not d.get("use_sliding_window", False):
         window = None
     if not window:  # qwen2_moe writes 0 for "off"
@@ -324,9 +356,9 @@ def _sliding_windows_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
             raise UserError(f"{mt} applies its sliding window to every layer or none")
         d["sliding_window"] = window
         return
-    if mt == "llama":
+    if mt in ("llama", *GRANITE_TYPES):
         if window:
-            raise UserError("llama has no sliding window")
+            raise UserError(f"{mt} has no sliding window")
         return
     d["use_sliding_window"] = window is not None
     if window:
@@ -347,13 +379,61 @@ def config_json(d: dict[str, Any]) -> str:
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
+def parse_moe_layers(spec: str) -> int | list[int]:
+    """``--moe-layers`` SPEC: ``every:N`` gives N (transformers' ``decoder_sparse_step``: layers
+    N-1, 2N-1, ... are MoE), a comma list the sorted layer indices."""
+    hint = "write layer indices such as 1,3 or every:N"
+    text = str(spec).strip()
+    if text.startswith("every:"):
+        n = text.removeprefix("every:").strip()
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"--moe-layers {spec!r}: N must be a positive integer (every:2 makes layers "
+                            "1, 3, 5, ... MoE, as Qwen-MoE's decoder_sparse_step does)")
+        return int(n)
+    items = [x.strip() for x in text.split(",")]
+    if not text or not all(items):
+        raise UserError(f"--moe-layers {spec!r} names no layer or has an empty entry; {hint}")
+    bad = next((x for x in items if not x.isdigit()), None)
+    if bad is not None:
+        raise UserError(f"--moe-layers {spec!r}: {bad!r} is not a layer index (0, 1, ...); {hint}")
+    layers = [int(x) for x in items]
+    twice = next((i for i in layers if layers.count(i) > 1), None)
+    if twice is not None:
+        raise UserError(f"--moe-layers {spec!r} lists layer {twice} twice")
+    return sorted(layers)
+
+
+def sparse_layout(spec: str, layers: int) -> tuple[int, list[int]]:
+    """``decoder_sparse_step`` and ``mlp_only_layers`` for which transformers' Qwen-MoE (and
+    ``ModelConfig.is_moe_layer``, the same rule) builds exactly the layers SPEC names as MoE."""
+    parsed = parse_moe_layers(spec)
+    if isinstance(parsed, int):
+        if parsed > layers:
+            raise UserError(f"--moe-layers {spec} makes no layer MoE in a {layers}-layer model "
+                            f"(every:N makes layers N-1, 2N-1, ... MoE); choose N <= {layers}")
+        return parsed, []
+    out = next((i for i in parsed if i >= layers), None)
+    if out is not None:
+        raise UserError(f"--moe-layers {spec}: layer {out} is out of range; SRC has {layers} layers "
+                        f"(0 to {layers - 1})")
+    return 1, [i for i in range(layers) if i not in parsed]
+
+
 def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
-                 aux_loss_coef: float) -> ModelConfig:
+                 aux_loss_coef: float, moe_layers: str | None = None) -> ModelConfig:
     """The MoE config that upcycling ``cfg`` builds: the dense model's settings kept (RoPE, eps,
     vocabulary, special tokens, windows), the MoE fields set, and the top-k weights renormalised
-    so that naive upcycling computes exactly the dense function."""
+    so that naive upcycling computes exactly the dense function. ``moe_layers`` (``--moe-layers``
+    SPEC) keeps the other layers dense, for targets that can say so."""
     if target not in MOE_TYPES:
         raise ValueError(f"{target!r} is not an MoE type")
+    sparse_step, mlp_only = 1, []
+    if moe_layers is not None:
+        if target not in MIXED_LAYER_TYPES:
+            raise UserError(f"--moe-layers: {target} cannot keep layers dense (its config.json has no "
+                            f"mlp_only_layers); only --target {' and '.join(MIXED_LAYER_TYPES)} can, or "
+                            "leave --moe-layers out")
+        sparse_step, mlp_only = sparse_layout(moe_layers, cfg.num_hidden_layers)
     extra = {k: v for k, v in cfg.extra.items() if k not in _DENSE_ONLY_KEYS}
     extra["output_router_logits"] = False
     if target == "mixtral":
@@ -361,7 +441,8 @@ def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
     return replace(
         cfg, model_type=target, extra=extra,
         num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=cfg.intermediate_size,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=aux_loss_coef,
+        norm_topk_prob=True, decoder_sparse_step=sparse_step, mlp_only_layers=mlp_only,
+        router_aux_loss_coef=aux_loss_coef,
         qk_norm=cfg.qk_norm or target == "qwen3_moe",  # Qwen3-MoE always normalises q and k
         shared_expert_intermediate_size=cfg.intermediate_size if target == "qwen2_moe" else 0,
         sliding_windows=list(cfg.sliding_windows),

@@ -35,12 +35,13 @@ import torch
 from dropup.errors import UserError
 from dropup.hub.atomic import _alive
 from dropup.hub.card import generation_config
-from dropup.hub.config import DENSE_TYPES, ModelConfig, config_json
+from dropup.hub.config import DENSE_TYPES, GRANITE_TYPES, ModelConfig, config_json
 from dropup.hub.digest import sha256_file
 from dropup.hub.names import dense_shape
 from dropup.hub.safetensors import DTYPE_NAMES, ShardedWriter, TensorSpec
 
 MAGIC = b"GGUF"
+GGUF_TYPES = tuple(t for t in DENSE_TYPES if t not in GRANITE_TYPES)  # transformers reads no Granite GGUF
 INSTALL = "reading GGUF needs the gguf package: pip install 'dropup[gguf]'"
 _TMP = re.compile(r"\..+\.dropup-gguf-(\d+)-[^/]+")
 # GGUF tensors stored as plain floats keep their width; quantised ones dequantise to float32,
@@ -196,14 +197,14 @@ def dequantise(path: str | os.PathLike, out: str | os.PathLike, *, what: str = "
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as e:  # "GGUF model with architecture X is not supported yet."
         raise UserError(f"{where}: transformers cannot read this GGUF ({_first_line(e)}); "
-                        f"dropup reads GGUF files of {', '.join(DENSE_TYPES)} models") from None
+                        f"dropup reads GGUF files of {', '.join(GGUF_TYPES)} models") from None
     except Exception as e:  # noqa: BLE001 - metadata of an unexpected shape
         raise UserError(f"{where}: transformers could not read its metadata ({_first_line(e)})") from None
     hf = {k: v for k, v in parsed["config"].items() if not k.startswith("_")}  # _model_name_or_path
     model_type = hf.get("model_type")
-    if model_type not in DENSE_TYPES:
+    if model_type not in GGUF_TYPES:
         raise UserError(f"{where}: a GGUF of a {model_type or arch} model; dropup reads GGUF files of "
-                        f"dense {', '.join(DENSE_TYPES)} models")
+                        f"dense {', '.join(GGUF_TYPES)} models")
     if (_field(reader, f"{arch}.expert_count") or 0) > 0:
         raise UserError(f"{where}: a mixture-of-experts GGUF; dropup upcycles dense models")
     shape = dense_shape(hf, where)

@@ -1,10 +1,12 @@
 """Tensor names per architecture: what a dense source holds and what an MoE target calls its parts.
 
 The non-FFN tensors (embeddings, attention, norms, LM head) have the same names in every
-Llama-family dense model and in Mixtral / Qwen2-MoE / Qwen3-MoE, so they are copied under their
-own name. Only the FFN changes: one dense MLP becomes a router plus E experts, written under the
-per-expert names that checkpoints on the Hugging Face Hub use (transformers 4.x loads them as they
-are, 5.x fuses them on load, vLLM and SGLang read them directly).
+Llama-family dense model and in Mixtral / Qwen2-MoE / Qwen3-MoE / GraniteMoE, so they are copied
+under their own name. Only the FFN changes: one dense MLP becomes a router plus E experts, written
+under the names that checkpoints on the Hugging Face Hub use: one tensor per expert and matrix
+(transformers 4.x loads them as they are, 5.x fuses them on load, vLLM and SGLang read them
+directly), except GraniteMoE, whose Hub checkpoints hold each layer's experts in two stacked
+tensors (``fused_experts``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from dropup.errors import UserError
 from dropup.hub.config import DENSE_TYPES, MOE_TYPES, ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCE_TYPES = DENSE_TYPES
 TARGET_TYPES = MOE_TYPES
@@ -23,13 +30,18 @@ TARGETS_OF = {
     "mistral": ("mixtral", "qwen3_moe"),
     "qwen2": ("qwen2_moe",),
     "qwen3": ("qwen3_moe",),
+    "granite": ("granitemoe",),
 }
 _EXPERT_MATRIX = {  # dropup's matrix name -> the target's per-expert tensor name
     "mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
     "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
 }
-_MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+_MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "granitemoe": "block_sparse_moe"}
+_ROUTER = {"granitemoe": "router.layer"}  # elsewhere "gate"
+# GraniteMoE: input_linear [E, 2 d_f, d_h] is gate and up stacked along dim 1 (its forward
+# chunks the product in two: silu(first half) * second half), output_linear [E, d_h, d_f] is down.
+_FUSED = {"granitemoe": {"input_linear": ("gate", "up"), "output_linear": ("down",)}}
 
 
 @dataclass(frozen=True)
@@ -135,15 +147,40 @@ def function_preserving_target(shape: DenseShape, target: str) -> bool:
     return not adds_qk_norm(shape, target)
 
 
+def fused_experts(target: str, layer: int) -> dict[str, tuple[str, ...]]:
+    """For a target that stacks a layer's experts ([E, rows, cols]): each tensor's name and the
+    matrices stacked along its dim 1, in order. Empty for targets with one tensor per expert."""
+    p = f"model.layers.{layer}.{_MOE_BLOCK[target]}."
+    return {f"{p}{name}.weight": matrices for name, matrices in _FUSED.get(target, {}).items()}
+
+
+def stacked_in(target: str, layer: int, matrix: str) -> tuple[str, tuple[str, ...]] | None:
+    """The fused tensor holding ``matrix`` of every expert and the matrices it stacks, or None
+    where each expert has a tensor of its own."""
+    return next(((n, ms) for n, ms in fused_experts(target, layer).items() if matrix in ms), None)
+
+
 def expert_name(target: str, layer: int, expert: int, matrix: str) -> str:
+    """The tensor of one expert's matrix. For a fused target (``fused_experts``) it names that
+    expert's part of a stacked tensor, which the converter fills but no file holds."""
+    stacked = stacked_in(target, layer, matrix)
+    if stacked is not None:
+        return f"{stacked[0]}[{expert}].{matrix}"
     return (
         f"model.layers.{layer}.{_MOE_BLOCK[target]}.experts.{expert}."
         f"{_EXPERT_MATRIX[target][matrix]}.weight"
     )
 
 
+def expert_matrix(stacked: torch.Tensor, matrices: tuple[str, ...], matrix: str) -> torch.Tensor:
+    """Matrix ``matrix`` of every expert, [E, rows, cols], as a view of a fused tensor that
+    stacks ``matrices`` (equal sizes) along dim 1."""
+    rows = stacked.shape[1] // len(matrices)
+    return stacked.narrow(1, matrices.index(matrix) * rows, rows)
+
+
 def router_name(target: str, layer: int) -> str:
-    return f"model.layers.{layer}.{_MOE_BLOCK[target]}.gate.weight"
+    return f"model.layers.{layer}.{_MOE_BLOCK[target]}.{_ROUTER.get(target, 'gate')}.weight"
 
 
 def shared_expert_names(target: str, layer: int) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The training engine's model: one plain PyTorch Llama-family decoder with a dense or MoE FFN.
 
 It covers the architectures the converter reads and writes -- dense ``llama``, ``mistral``,
-``qwen2``, ``qwen3`` and MoE ``mixtral``, ``qwen2_moe``, ``qwen3_moe``. The config lives in
+``qwen2``, ``qwen3``, ``granite`` and MoE ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``granitemoe``
+(Granite's four scalars are config fields that are neutral elsewhere). The config lives in
 ``dropup.hub.config``, checkpoint I/O in ``dropup.model.io``, the LM loss in
 ``dropup.model.lm_loss``, the router losses in ``dropup.train.losses``.
 
@@ -144,6 +145,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.o_bias)
+        self.scale = cfg.attention_multiplier  # None: SDPA's 1 / sqrt(head_dim)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -161,12 +163,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if mask is None:
             # Plain causal: lets SDPA pick flash attention, which handles GQA without copying k/v.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         else:
             # With an explicit mask flash is out and the other kernels want equal head counts.
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -321,10 +324,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(i)
         self.mlp = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        self.residual_multiplier = cfg.residual_multiplier  # Granite scales each branch
 
     def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        return self._residual(x, self.mlp(self.post_attention_layernorm(x)))
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return x + branch if self.residual_multiplier == 1.0 else x + branch * self.residual_multiplier
 
 
 class Backbone(nn.Module):
@@ -364,6 +371,8 @@ class CausalLM(nn.Module):
         """Logits, or with ``targets`` the mean cross entropy computed chunk by chunk from the
         final hidden states (the [batch, seq, vocab] logits are never materialised)."""
         x, router_logits = self.hidden_states(input_ids, position_ids)
+        if self.config.logits_scaling != 1.0:  # Granite divides the logits; dividing x is the same map
+            x = x / self.config.logits_scaling
         if targets is not None:
             out = lm_head_cross_entropy(x, self.output_weight, targets)
         else:
@@ -379,6 +388,8 @@ class CausalLM(nn.Module):
         windows = {layer.sliding_window for layer in self.model.layers}
         masks = {w: _sliding_mask(t, w, input_ids.device) for w in windows}
         x = self.model.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         for layer in self.model.layers:
             x = layer(x, cos, sin, masks[layer.sliding_window])
         router_logits = [layer.mlp.take_router_logits() for layer in self.model.layers if layer.is_moe]

@@ -14,6 +14,7 @@ import os
 import re
 from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,27 +28,47 @@ from dropup.model.decoder import CausalLM
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
 
 
-def hf_names(name: str, cfg: ModelConfig) -> str | list[str]:
-    """The checkpoint name(s) of one of the model's parameters: a list for stacked experts.
-    The Hub names themselves are defined once, in ``dropup.hub.names`` (the converter writes them)."""
+class Stacked(NamedTuple):
+    """One matrix of every expert inside a Hub tensor that stacks ``matrices`` along dim 1."""
+
+    name: str
+    matrices: tuple[str, ...]
+    matrix: str
+
+
+def hf_names(name: str, cfg: ModelConfig) -> str | list[str] | Stacked:
+    """The checkpoint name(s) of one of the model's parameters: a list for experts stored one per
+    tensor, a ``Stacked`` where the Hub layout stacks them (GraniteMoE). The Hub names themselves
+    are defined once, in ``dropup.hub.names`` (the converter writes them)."""
     m = _EXPERT_PARAM.fullmatch(name)
     if not m:
         return name
     layer = int(m.group(1))
     if m.group(2) == "router.weight":
         return archs.router_name(cfg.model_type, layer)
+    stacked = archs.stacked_in(cfg.model_type, layer, m.group(3))
+    if stacked is not None:
+        return Stacked(*stacked, m.group(3))
     return [archs.expert_name(cfg.model_type, layer, e, m.group(3)) for e in range(cfg.num_experts)]
 
 
+def _hub_keys(hf: str | list[str] | Stacked) -> list[str]:
+    return [hf] if isinstance(hf, str) else [hf.name] if isinstance(hf, Stacked) else hf
+
+
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's (full, unsharded) state dict under Hub names, experts unstacked."""
-    out = {}
+    """The model's (full, unsharded) state dict under Hub names, experts unstacked (or stacked
+    the Hub's way)."""
+    out, stacks = {}, {}
     for name, t in state_dict.items():
         hf = hf_names(name, cfg)
-        if isinstance(hf, list):
+        if isinstance(hf, Stacked):
+            stacks.setdefault(hf.name, [None] * len(hf.matrices))[hf.matrices.index(hf.matrix)] = t
+        elif isinstance(hf, list):
             out.update(zip(hf, t.unbind(0)))
         else:
             out[hf] = t
+    out.update({name: torch.cat(parts, dim=1) for name, parts in stacks.items()})
     return out
 
 
@@ -58,7 +79,7 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
     """
     available = set(tensors.keys())
     wanted = {n: hf_names(n, cfg) for n in names}
-    needed = {h for hf in wanted.values() for h in ([hf] if isinstance(hf, str) else hf)}
+    needed = {h for hf in wanted.values() for h in _hub_keys(hf)}
     missing = sorted(needed - available)
     unexpected = sorted(
         k for k in available - needed
@@ -71,7 +92,10 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
         )
     out = {}
     for n, hf in wanted.items():
-        out[n] = torch.stack([tensors[h] for h in hf]) if isinstance(hf, list) else tensors[hf]
+        if isinstance(hf, Stacked):
+            out[n] = archs.expert_matrix(tensors[hf.name], hf.matrices, hf.matrix).contiguous()
+        else:
+            out[n] = torch.stack([tensors[h] for h in hf]) if isinstance(hf, list) else tensors[hf]
     return out
 
 

@@ -254,10 +254,10 @@ class _Log:
 def _scalars(record: dict, prefix: str = ""):
     """(tag, number) for every finite number in a metrics record, nested keys and list indices
     joined by "/" (val_loss/prose, router_entropy/0); the step is the x-axis, not a scalar, and a
-    resume's config_changes are settings, not measurements."""
+    resume's config_changes and the MoE layers' indices are settings, not measurements."""
     for key, value in record.items():
         tag = f"{prefix}{key}"
-        if key in ("step", "config_changes") and not prefix:
+        if key in ("step", "config_changes", "router_layers") and not prefix:
             continue
         if isinstance(value, dict):
             yield from _scalars(value, tag + "/")
@@ -557,7 +557,7 @@ def analyse_checkpoint(run: Run, export: Path) -> dict | None:
                                             overwrite=True))
     m = result["models"][0]
     summary = {"step": run.step, "tokens": run.tokens, "tokens_per_domain": tokens, "domains": result["domains"],
-               "mean_jsd": m["mean_jsd"], "jsd": m["jsd"], "dead_total": m["dead_total"],
+               "layers": m["layers"], "mean_jsd": m["mean_jsd"], "jsd": m["jsd"], "dead_total": m["dead_total"],
                "dead_count": m["dead_count"]}
     log = root / "routing.jsonl"
     lines = [line for line in (log.read_text().splitlines() if log.exists() else [])
@@ -604,6 +604,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> 
                     record["skipped"] = True
                 if stats is not None:
                     record.update(stats.reduce() or {})
+                    # The router_* lists have one entry per MoE layer; these are their layer indices.
+                    record["router_layers"] = run.mcfg.moe_layers
                 if eval_now:
                     record["val_loss"], bpb = evaluate(run)
                     if bpb:
