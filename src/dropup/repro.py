@@ -44,7 +44,7 @@ VARIANT = "variant"
 VARIANT_BASE = "drop-0.5"
 # Options the study itself sets for every construction; a variant changes how experts are built.
 STUDY_OWNED = ("num_experts", "top_k", "seed", "sources", "overwrite", "progress", "verify", "verify_text",
-               "threads", "max_shard_size", "dtype", "target")
+               "threads", "max_shard_size", "dtype")
 
 
 @dataclass
