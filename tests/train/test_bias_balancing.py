@@ -94,6 +94,8 @@ def test_bias_balances_a_skewed_router_and_is_exported(tmp_path, datasets, skewe
         assert torch.equal(steps_of_rate, steps_of_rate.round()) and steps_of_rate.abs().max() <= steps
         assert b[0] < 0  # the favoured expert is pushed down
     assert _metrics(runs[RATE])[-1]["router_bias_max"] == [b.abs().max().item() for b in biases]
+    assert f"`{ROUTER_BIAS_FILE}`. transformers ignores that file" in (export / "README.md").read_text()
+    assert "selection bias" not in (runs[0.0] / "ckpt" / f"step_{steps}" / "model" / "README.md").read_text()
     # dropup's loader applies the file; without it the model routes (and predicts) otherwise.
     ours = load_model(export)
     for a, b in zip(selection_biases(ours), biases):
@@ -187,3 +189,12 @@ def test_two_processes_hold_the_one_process_biases(tmp_path, datasets, skewed):
     assert a.abs().sum() > 0 and torch.equal(a, b)
     for x, y in zip(_metrics(one), _metrics(tmp_path / "two")):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]) and x["router_load"] == y["router_load"]
+
+
+@pytest.mark.parametrize("mode", ["pooled", "global-batch"])
+def test_bias_works_beside_the_balance_loss(tmp_path, datasets, skewed, mode):
+    run = _run(tmp_path, datasets, skewed, "run", RATE, steps=3, save_interval=3,
+               **{"loss.aux_loss_coef": 0.02, "loss.balance_mode": mode})
+    m = _metrics(run)
+    assert all(r["aux_loss"] > 0 and r["loss"] == pytest.approx(r["lm_loss"] + 0.02 * r["aux_loss"]) for r in m)
+    assert torch.stack(_biases(run / "ckpt" / "step_3" / "model")).abs().sum() > 0
