@@ -11,7 +11,7 @@ when E <= 256: layers x tokens x k bytes) to compare the others with.
     result = analyze_routing(RoutingOptions(checkpoints=["moe/"], data=["code/", "prose/"], out="an/"))
 
 The routing counts are the models' own: the softmax top-k of the router logits each MoE layer
-computes (``MoE.take_router_logits``); for Qwen2-MoE only the routed experts count (its shared
+computes (``MoE.take_router_logits``), with its selection bias where training gave it one; for Qwen2-MoE only the routed experts count (its shared
 expert takes every token). The paper's Figure 5 quantity is ``shares``: each expert's fraction of
 a domain's top-k assignments in a layer (uniform = 1/E).
 
@@ -77,6 +77,7 @@ from dropup.errors import UserError
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
+from dropup.model.decoder import selection_biases
 from dropup.options import Device, Precision, check_choices, check_ranges, ranged
 
 FORMAT, VERSION = "dropup-routing", 1
@@ -251,11 +252,12 @@ def route_model(model, samples: list[np.ndarray], seq_len: int, batch_size: int,
     kept: list[list[torch.Tensor]] = [[] for _ in moe_layers]
     overlap = torch.zeros(len(moe_layers), dtype=torch.float64, device=device)
     pos, id_dtype = 0, torch.uint8 if cfg.num_experts <= 256 else torch.int16
+    biases = selection_biases(model)  # a model trained with aux-loss-free balancing routes with them
     for d, tokens in enumerate(samples):
         for batch in _domain_batches(tokens, seq_len, batch_size):
             batch = batch.to(device)
             _, logits = model.hidden_states(batch)
-            ids = [topk_ids(x, cfg.num_experts_per_tok) for x in logits]
+            ids = [topk_ids(x, cfg.num_experts_per_tok, b) for x, b in zip(logits, biases)]
             counts.add(d, batch, ids)
             n = batch.numel()
             for l, x in enumerate(ids):

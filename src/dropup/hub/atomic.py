@@ -124,7 +124,7 @@ def _os_error(e: OSError, what: str, where: Path) -> Exception:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, existing: Existing = "refuse", label: str = "OUT",
                advice: str = "choose another path", tmp_name: str | None = None,
-               stale: str | None = None,
+               stale: str | tuple[str, ...] | None = None,
                protect: Iterable[tuple[str, str | os.PathLike]] = (),
                full_advice: str = "free space") -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on success it becomes ``out``.
@@ -136,9 +136,10 @@ def atomic_dir(out: str | os.PathLike, *, existing: Existing = "refuse", label: 
     - ``replace``: the new directory takes the old one's place whole; the old one is removed only
       once the new one is in place;
     - ``merge``: the new files are moved in one by one over their namesakes and the other files
-      stay (an exported model beside its tokenizer). Files of ``out`` matching the glob ``stale``
-      that the new directory lacks are removed (the previous weights' other shards), and the new
-      files matching it move in before the rest (weights before config.json).
+      stay (an exported model beside its tokenizer); a directory replaces its namesake whole.
+      Entries of ``out`` matching the glob ``stale`` (or one of several) that the new directory
+      lacks are removed (the previous weights' other shards), and the new ones matching it move
+      in before the rest (weights before config.json).
 
     Refused before anything is written, whatever ``existing`` says, each with one ``UserError``
     line: an ``out`` that is not a directory, a symbolic link that points nowhere, the current
@@ -274,15 +275,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _merge(tmp: Path, out: Path, stale: str | None) -> None:
+def _merge(tmp: Path, out: Path, stale: str | tuple[str, ...] | None) -> None:
+    patterns = (stale,) if isinstance(stale, str) else stale or ()
     new = sorted(p.name for p in tmp.iterdir())
-    owned = {p.name for p in tmp.glob(stale)} if stale else set()
-    if stale:
-        for old in out.glob(stale):
+    owned = {p.name for pattern in patterns for p in tmp.glob(pattern)}
+    for pattern in patterns:
+        for old in out.glob(pattern):
             if old.name not in owned:
-                old.unlink()
+                _remove(old)
     for name in sorted(new, key=lambda n: n not in owned):
+        if (tmp / name).is_dir() and (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)  # a rename cannot replace a directory that is not empty
         os.replace(tmp / name, out / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

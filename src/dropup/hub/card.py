@@ -64,7 +64,8 @@ def model_card(info: dict) -> str:
 
     ``model_type``, ``layers``, ``num_experts``, ``top_k``, ``total_params``, ``active_params``;
     optional ``base_model`` (a name, never a path), ``upcycling`` (``method``, ``ratio``, ``seed``,
-    ``num_experts``, ``source``), ``training`` (``steps``, ``tokens``, ``init``).
+    ``num_experts``, ``source``), ``training`` (``steps``, ``tokens``, ``init``, ``router_bias``: the
+    selection-bias file, when there is one).
     """
     base = info.get("base_model")
     front = ["---", "library_name: transformers", "tags:", *(f"- {t}" for t in TAGS)]
@@ -94,6 +95,10 @@ def model_card(info: dict) -> str:
                  f"Trained by dropup for {tr['steps']:,} steps on {tr['tokens']:,} tokens"
                  + (f", starting from `{tr['init']}`." if tr.get("init") else ", from a random initialisation."),
                  ""]
+        if tr.get("router_bias"):
+            body += [f"Its routers were balanced without an auxiliary loss (DeepSeek-V3's selection bias): the "
+                     f"per-layer biases are in `{tr['router_bias']}`. transformers ignores that file and routes "
+                     "without them; dropup's `load_model` applies them and routes as in training.", ""]
     body += ["## Use", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "",

@@ -183,6 +183,13 @@ def router_name(target: str, layer: int) -> str:
     return f"model.layers.{layer}.{_MOE_BLOCK[target]}.{_ROUTER.get(target, 'gate')}.weight"
 
 
+def router_bias_name(target: str, layer: int) -> str:
+    """A layer's selection bias (aux-loss-free balancing) in dropup's router-bias file: named
+    beside its router as DeepSeek-V3's checkpoints name theirs; no Mixtral or Qwen-MoE config
+    has a slot for it, so it never goes into the model's own safetensors."""
+    return router_name(target, layer).removesuffix(".weight") + ".e_score_correction_bias"
+
+
 def shared_expert_names(target: str, layer: int) -> dict[str, str]:
     """Qwen2-MoE's always-on shared expert and its sigmoid gate; empty for other targets."""
     if target != "qwen2_moe":

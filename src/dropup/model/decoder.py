@@ -206,6 +206,15 @@ class Experts(nn.Module):
 MOE_IMPLS = ("auto", "grouped", "loop")
 
 
+def select_experts(probs: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The experts each token goes to, [N, k], best first: the top-k of the router probabilities
+    [N, E] plus the per-expert selection bias [E] (aux-loss-free balancing, DeepSeek-V3, Liu et al.
+    2024, after Wang et al. 2024; the probabilities are this architecture's affinity scores).
+    A zero bias leaves the probabilities bit for bit, so the choice is the plain top-k."""
+    scores = probs if bias is None else probs + bias
+    return scores.topk(k, dim=-1).indices
+
+
 class MoE(nn.Module):
     """Dropless token-choice top-k MoE with an fp32 router (Mixtral / Qwen-MoE semantics)."""
 
@@ -223,6 +232,12 @@ class MoE(nn.Module):
             self.shared_expert = self.shared_expert_gate = None
         self.impl = "auto"
         self.router_logits: torch.Tensor | None = None
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores that decides the
+        # top-k choice only. A buffer, not a parameter: no gradient, no weight decay, not in the
+        # optimizer; the trainer updates it after each step (dropup.train.losses.bias_step).
+        # Not persistent: Mixtral / Qwen-MoE checkpoints have no slot for it, so it travels in a
+        # file beside the weights (dropup.model.io.ROUTER_BIAS_FILE). Zero is the plain routing.
+        self.register_buffer("selection_bias", torch.zeros(cfg.num_experts), persistent=False)
 
     def take_router_logits(self) -> torch.Tensor:
         """The router logits of the last forward, handed over once (no reference stays behind)."""
@@ -235,12 +250,15 @@ class MoE(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k + self.skip_top_ranks, dim=-1)
+        ids = select_experts(probs, self.selection_bias, self.top_k + self.skip_top_ranks)
         if self.skip_top_ranks:
             # Redundancy analysis only (analysis/diversity.py): each token's first-ranked experts
             # are removed and the next-best take their place, weighted as the architecture weights
             # a top-k choice. Training never sets it, so its compiled graph sees the constant 0.
-            weights, ids = weights[:, self.skip_top_ranks :], ids[:, self.skip_top_ranks :]
+            ids = ids[:, self.skip_top_ranks :]
+        # The weights are the chosen experts' own probabilities: the bias decides which experts a
+        # token goes to, never how much each one counts.
+        weights = probs.gather(-1, ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
@@ -300,6 +318,16 @@ class MoE(nn.Module):
         ys = ys[inverse].view(n, k, -1)
         out = (ys.float() * weights[..., None]).sum(dim=1)
         return out.to(x.dtype)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE blocks in layer order: the order of its router logits."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def selection_biases(model: nn.Module) -> list[torch.Tensor]:
+    """Each MoE layer's selection bias buffer [E], in layer order (updated in place by training)."""
+    return [m.selection_bias for m in moe_layers(model)]
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -6,6 +6,11 @@ per-expert names (``hf_names``).
 
     model = load_model("path/to/hf_checkpoint", device="cuda", dtype=torch.float32)
     save_model(model, "out/")                                     # == model.save_pretrained("out/")
+
+A model trained with aux-loss-free balancing also has per-layer selection biases, which no
+Mixtral / Qwen-MoE config.json can express: ``save_model`` writes them to ``ROUTER_BIAS_FILE``
+beside the weights and ``load_model`` applies them; transformers and other loaders ignore the
+file and route without them.
 """
 
 from __future__ import annotations
@@ -22,9 +27,19 @@ from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.config import ModelConfig, config_json
-from dropup.hub.safetensors import CheckpointReader, ShardedWriter, TensorSpec, read_json_object
-from dropup.model.decoder import CausalLM
+from dropup.hub.safetensors import (
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    read_json_object,
+    read_safetensors_header,
+)
+from dropup.model.decoder import CausalLM, moe_layers, selection_biases
 
+# In a sub-directory: loaders that read every top-level *.safetensors file of a checkpoint
+# without an index as its weights (vLLM does) must not take the biases for weights.
+ROUTER_BIAS_FILE = "dropup/router_bias.safetensors"
+_ROUTER_BIAS_FORMAT = "dropup-router-bias"
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
 
 
@@ -155,8 +170,63 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb.to_empty(device=device)
     model.model.rotary_emb.reset()
+    for moe in moe_layers(model):  # a buffer outside the state dict: still on the meta device
+        moe.selection_bias = torch.zeros(moe.num_experts, device=device)
+    load_router_bias(model, path)
     model.set_moe_impl(moe_impl)
     return model
+
+
+def _router_bias_names(model: CausalLM) -> list[str]:
+    """The router-bias file's tensor names, one per MoE layer in layer order (``selection_biases``)."""
+    cfg = model.config
+    return [archs.router_bias_name(cfg.model_type, i) for i, layer in enumerate(model.model.layers) if layer.is_moe]
+
+
+def write_router_bias(model: CausalLM, out: str | os.PathLike) -> Path | None:
+    """``out / ROUTER_BIAS_FILE`` with the model's selection biases (float32, one [E] tensor per
+    MoE layer), or nothing (None) when every bias is zero: the plain routing needs no file."""
+    from safetensors.torch import save_file
+
+    biases = selection_biases(model)
+    if not any(bool(b.any()) for b in biases):
+        return None
+    tensors = {name: b.detach().to("cpu", torch.float32).contiguous()
+               for name, b in zip(_router_bias_names(model), biases)}
+    path = Path(out) / ROUTER_BIAS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={
+        "format": _ROUTER_BIAS_FORMAT, "version": "1",
+        "use": "added to the softmax router probabilities for the top-k choice only; the combine weights "
+               "are the unbiased probabilities (dropup.model.decoder.select_experts)"})
+    return path
+
+
+def load_router_bias(model: CausalLM, path: str | os.PathLike) -> bool:
+    """Set every MoE layer's selection bias from the checkpoint directory ``path``'s
+    ``ROUTER_BIAS_FILE``, or to zero when it has none; True when the file was read."""
+    biases = selection_biases(model)
+    file = Path(path) / ROUTER_BIAS_FILE
+    if not biases or not file.is_file():
+        for b in biases:
+            b.zero_()
+        return False
+    found = read_safetensors_header(file)  # a damaged file is one line
+    names = _router_bias_names(model)
+    e = model.config.num_experts
+    bad = sorted(set(names) ^ set(found)) or [n for n in names if found[n].shape != (e,)
+                                              or found[n].dtype != torch.float32]
+    if bad:
+        raise UserError(f"{file} does not match {Path(path) / 'config.json'} (tensor {bad[0]}): it must hold "
+                        f"one float32 [{e}] selection bias per MoE layer; re-save the model or remove the "
+                        "file (the routing then has no bias)")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    with torch.no_grad():
+        for name, b in zip(names, biases):
+            b.copy_(tensors[name])
+    return True
 
 
 def save_model(
@@ -173,6 +243,8 @@ def save_model(
     Files are written into a temporary directory beside ``path`` and moved into place, so a
     crash never leaves a half-written checkpoint under a final name. Over an existing directory
     (it may hold a tokenizer) they replace the previous weights and config.json file by file.
+    Selection biases, when the model has any, go to ``ROUTER_BIAS_FILE`` in float32 whatever
+    ``dtype`` says (a rounded bias would route differently).
     """
     cfg = model.config
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -182,10 +254,13 @@ def save_model(
                           transformers_version=version("transformers"))
     # In name order, sharded greedily: one file when it fits.
     plan = [TensorSpec(dtype or tensors[k].dtype, tuple(tensors[k].shape), name=k) for k in sorted(tensors)]
-    with atomic_dir(path, existing="merge", stale="model*.safetensors*", label="checkpoint") as tmp:
+    # A previous save's router-bias directory goes too: without its own the model routes unbiased.
+    stale = ("model*.safetensors*", ROUTER_BIAS_FILE.split("/")[0])
+    with atomic_dir(path, existing="merge", stale=stale, label="checkpoint") as tmp:
         # Buffered: these tensors live wherever the model put them, rarely placed for direct I/O.
         with ShardedWriter(tmp, plan, max_shard_bytes, direct=False) as writer:
             for spec in plan:
                 t = tensors[spec.name]
                 writer.write(spec.name, (t.to(dtype) if dtype is not None else t).detach().to("cpu"))
+        write_router_bias(model, tmp)
         (tmp / "config.json").write_text(config_json(hf_config))

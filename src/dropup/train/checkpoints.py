@@ -45,7 +45,7 @@ from dropup.errors import UserError
 from dropup.hub import card
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.digest import sha256_file
-from dropup.model.io import save_model
+from dropup.model.io import ROUTER_BIAS_FILE, save_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 MANIFEST = "manifest.json"
@@ -274,7 +274,10 @@ def write_export_side_files(export: Path, cfg, state_dict: dict, trainer_state: 
         tok = None
     hf_config = json.loads((export / "config.json").read_text())
     card.copy_tokenizer_files(tok, init, export, hf_config, eos_token_id=_data_eos(datasets))
-    card.write_model_card(export, export_card_info(cfg, state_dict, trainer_state))
+    info = export_card_info(cfg, state_dict, trainer_state)
+    if (export / ROUTER_BIAS_FILE).is_file():
+        info["training"]["router_bias"] = ROUTER_BIAS_FILE
+    card.write_model_card(export, info)
 
 
 def _data_eos(datasets: list[str]) -> int | None:

@@ -109,6 +109,10 @@ class LossSection:
     aux_loss_coef: float | None = setting(None, ge=0)  # None: the checkpoint's router_aux_loss_coef (paper: 0.02)
     balance_mode: BalanceMode = "pooled"  # pooled is the paper's
     z_loss_coef: float = setting(0.0, ge=0)  # router z-loss (ST-MoE); 0 = off
+    # Aux-loss-free balancing (DeepSeek-V3): after each step every expert's selection bias moves
+    # by this rate towards balance (DeepSeek-V3 used 0.001); 0 = off. It works beside the
+    # balance loss; aux_loss_coef: 0 leaves it alone.
+    bias_update_rate: float = setting(0.0, ge=0)
 
 
 @dataclass

@@ -34,19 +34,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dropup.analysis.routing import RouterStats
+from dropup.analysis.routing import RouterStats, expert_counts
 from dropup.data.tokens import Mixture, Source, TokenFile, read_meta, validation_batches
 from dropup.errors import UserError
 from dropup.hub.atomic import atomic_write_text, exclusive_lock
 from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
 from dropup.hub.gguf import dense_source
-from dropup.model.decoder import CausalLM, DecoderLayer, build_model
-from dropup.model.io import load_model
+from dropup.model.decoder import CausalLM, DecoderLayer, build_model, selection_biases
+from dropup.model.io import ROUTER_BIAS_FILE, load_model, load_router_bias
 from dropup.model.lm_loss import bits_per_byte, target_bytes, window_nll
 from dropup.train.checkpoints import checkpoints, find_resumable, load_checkpoint, save_checkpoint
 from dropup.train.config import PRESETS, Change, TrainConfig, resume_changes
-from dropup.train.losses import GlobalBatchCounts, load_balancing_loss, router_z_loss
+from dropup.train.losses import GlobalBatchCounts, bias_step, load_balancing_loss, router_z_loss
 from dropup.train.optim import (  # noqa: F401  (param_groups: re-export)
     apply_settings,
     build_optimizer,
@@ -343,6 +343,9 @@ class Run:
     tokens: int = 0
     config_changes: list[dict] = field(default_factory=list)  # [{"step": N, "changes": {key: [old, new]}}]
     unlogged_changes: dict | None = None  # this resume's changes, for the next metrics record
+    # Each MoE layer's selection bias (the model's buffers, updated in place by aux-loss-free
+    # balancing); a checkpoint keeps them in its export's ROUTER_BIAS_FILE.
+    biases: list[torch.Tensor] = field(default_factory=list)
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.plan.bf16 else nullcontext()
@@ -395,10 +398,18 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> R
         model.to(d.device)
     optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
     run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir,
-              val_token_bytes=validation_token_bytes(cfg, val_sets))
+              val_token_bytes=validation_token_bytes(cfg, val_sets), biases=selection_biases(model))
+    if cfg.loss.bias_update_rate:
+        note(d, f"aux-loss-free balancing at loss.bias_update_rate {cfg.loss.bias_update_rate}: each checkpoint's "
+                f"per-layer selection biases are written beside its export, model/{ROUTER_BIAS_FILE}; dropup's "
+                f"loader applies them, transformers and other loaders ignore the file ({mcfg.model_type} "
+                "configs have no slot for them) and route without them")
 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
+        # The biases are not in the DCP state: the export holds them in float32, bit for bit; a
+        # checkpoint without the file (no bias yet, or written before biases) starts them at zero.
+        load_router_bias(model, ckpt / "model")
         apply_settings(optimizer, cfg.optim)
         _restore(run, state, saved, changes)
         phase(d, f"resumed from {ckpt} at step {run.step} ({run.tokens:,} tokens)", t0)
@@ -462,11 +473,14 @@ class StepResult:
 def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
     """Optimizer step ``run.step + 1`` at the LR already set: this rank's micro-batches of the global
     batch, the losses averaged over all ranks, gradient clipping, and the update unless non-finite.
-    ``stats`` (if given) collects the routing of this rank's micro-batches."""
+    ``stats`` (if given) collects the routing of this rank's micro-batches. With aux-loss-free
+    balancing the selection biases move after the update, from the loads of the whole step."""
     cfg, plan, d, model = run.cfg, run.plan, run.d, run.model
     k, E = run.mcfg.num_experts_per_tok, run.mcfg.num_experts
     step_no = run.step + 1
     z_coef = cfg.loss.z_loss_coef
+    rate, biases = cfg.loss.bias_update_rate, run.biases  # the counts below follow the biased routing
+    loads = None  # [layers, E] assignments per expert over this rank's micro-batches (float64: exact)
     gb_counts = GlobalBatchCounts()  # the global-batch balance loss counts this step's micro-batches only
     sums = torch.zeros(3, device=d.device)  # lm, aux, z over this rank's micro-batches
     for m in range(plan.accum):
@@ -479,12 +493,16 @@ def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
         if router_logits:
             fractions = None
             if cfg.loss.balance_mode == "global-batch":
-                fractions = gb_counts.fractions(router_logits, k, E)
-            aux = load_balancing_loss(router_logits, k, E, cfg.loss.balance_mode, token_fractions=fractions)
+                fractions = gb_counts.fractions(router_logits, k, E, biases)
+            aux = load_balancing_loss(router_logits, k, E, cfg.loss.balance_mode, token_fractions=fractions,
+                                      biases=biases)
             if z_coef:
                 z = router_z_loss(router_logits)
+            if rate:
+                counts = expert_counts(router_logits, k, E, biases=biases).double()
+                loads = counts if loads is None else loads + counts
             if stats is not None:
-                stats.add(router_logits, k, E)
+                stats.add(router_logits, k, E, biases)
         loss = lm + plan.aux_coef * aux + z_coef * z
         if step_no in cfg.inject_nan_steps and m == 0:
             loss = loss * float("nan")  # fault injection (tests): poisons this step's gradients
@@ -503,6 +521,12 @@ def train_step(run: Run, stats: RouterStats | None = None) -> StepResult:
     finite = math.isfinite(loss_v) and math.isfinite(norm_v)
     if finite:
         run.optimizer.step()
+        if loads is not None:
+            # Summed over the ranks first, so every rank applies the same update and holds the
+            # same biases. A skipped step moves nothing, the biases included.
+            with torch.no_grad():
+                for bias, delta in zip(biases, bias_step(d.all_reduce_sum(loads), rate)):
+                    bias.add_(delta)
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_v, lm_v, aux_v, z_v, norm_v, finite)
 
@@ -606,6 +630,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> 
                     record.update(stats.reduce() or {})
                     # The router_* lists have one entry per MoE layer; these are their layer indices.
                     record["router_layers"] = run.mcfg.moe_layers
+                if cfg.loss.bias_update_rate:
+                    record["router_bias_max"] = [round(x, 6) for x in
+                                                 torch.stack(run.biases).abs().amax(-1).tolist()]
                 if eval_now:
                     record["val_loss"], bpb = evaluate(run)
                     if bpb:

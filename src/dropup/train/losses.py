@@ -1,6 +1,7 @@
-"""The router losses of MoE training: load balancing (pooled, per layer or over the global batch)
-and the z-loss. The next-token loss lives beside the model (``dropup.model.lm_loss``), the
-routing statistics in ``dropup.analysis.routing``."""
+"""Router balancing in MoE training: the load-balancing loss (pooled, per layer or over the global
+batch), the z-loss, and the update rule of aux-loss-free balancing (``bias_step``). The next-token
+loss lives beside the model (``dropup.model.lm_loss``), the routing statistics in
+``dropup.analysis.routing``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def load_balancing_loss(
     mode: str = "pooled",
     mask: torch.Tensor | None = None,
     token_fractions: torch.Tensor | None = None,
+    biases: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss E * sum_i f_i * P_i.
 
@@ -33,6 +35,9 @@ def load_balancing_loss(
     micro-batch may then be specialised as long as the whole batch is balanced. The caller passes
     those fractions as ``token_fractions`` ([layers, E]; see ``GlobalBatchCounts``); without them
     it is the per-layer loss. ``token_fractions`` in the other modes also replaces the local f.
+
+    With aux-loss-free balancing on (``biases``, each layer's selection bias) f counts the experts
+    the tokens are actually sent to, bias included, as Megatron-Core and torchtitan count them.
     """
     if not router_logits:
         return torch.zeros(())
@@ -45,7 +50,7 @@ def load_balancing_loss(
         prob_sum = (probs * m).sum(dim=1)
         tokens = m.sum().expand(len(router_logits))
     if token_fractions is None:
-        counts = expert_counts(router_logits, top_k, num_experts, mask)
+        counts = expert_counts(router_logits, top_k, num_experts, mask, biases)
         token_fractions = counts / tokens[:, None]
     if mode == "pooled":
         f = (token_fractions * tokens[:, None]).sum(0) / tokens.sum()
@@ -81,10 +86,22 @@ class GlobalBatchCounts:
     def reset(self) -> None:
         self.counts = None
 
-    def fractions(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int) -> torch.Tensor:
-        counts = expert_counts(router_logits, top_k, num_experts)
+    def fractions(self, router_logits: list[torch.Tensor], top_k: int, num_experts: int,
+                  biases: list[torch.Tensor] | None = None) -> torch.Tensor:
+        counts = expert_counts(router_logits, top_k, num_experts, biases=biases)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(counts, group=self.group)
         self.counts = counts if self.counts is None else self.counts + counts
         # Normalised per token (not per assignment) like the local f: sums to top_k per layer.
         return self.counts * top_k / self.counts.sum(-1, keepdim=True)
+
+
+def bias_step(loads: torch.Tensor, rate: float) -> torch.Tensor:
+    """Aux-loss-free balancing's update of the selection biases, [layers, E], from the loads of
+    one optimizer step ([layers, E]: tokens sent to each expert, over every micro-batch and rank):
+    ``rate * sign(mean load - load)``, the rule of DeepSeek-V3 (Liu et al. 2024, arXiv 2412.19437,
+    after Wang et al. 2024, arXiv 2408.15664). An overloaded expert's bias falls and an idle one's
+    rises by exactly ``rate`` (0 for an expert at the mean), so the bias only ever moves in steps
+    of ``rate`` and the gradient never sees it."""
+    mean = loads.mean(-1, keepdim=True)
+    return torch.sign(mean - loads).to(torch.float32) * rate

@@ -39,6 +39,9 @@ def plan_run(cfg: TrainConfig, model: ModelConfig, world: int, device_type: str)
     total_steps = cfg.steps if cfg.steps is not None else cfg.tokens // (G * seq_len)
     if total_steps < 1:
         raise UserError(f"tokens ({cfg.tokens}) is less than one global batch ({G} x {seq_len} tokens)")
+    if cfg.loss.bias_update_rate and not model.is_moe:
+        raise UserError(f"loss.bias_update_rate is {cfg.loss.bias_update_rate} but the model is dense "
+                        f"({model.model_type}): aux-loss-free balancing needs an MoE; set it to 0")
     # The paper trains MoE models at 2e-4 -> 2e-5 and its dense seeds at 3e-4 -> 3e-5.
     lr_max = cfg.optim.lr if cfg.optim.lr is not None else (2e-4 if model.is_moe else 3e-4)
     lr_min = cfg.optim.min_lr if cfg.optim.min_lr is not None else lr_max / 10
