@@ -16,7 +16,7 @@ from dropup.analysis.experts import format_report, inspect_checkpoint
 from dropup.cli import main
 from dropup.convert import ratios
 from dropup.convert.surgery import num_reinit
-from dropup.convert.upcycle import UpcycleOptions
+from dropup.convert.upcycle import check_ratio as _check
 
 D_F, LAYERS = 320, 5
 
@@ -45,10 +45,6 @@ def _changed_per_layer(src: Path, out: Path, experts: int) -> list[list[int]]:
             row.append(len(changed["gate"]))
         counts.append(row)
     return counts
-
-
-def _check(label, value):
-    UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"].check(label, value)
 
 
 def test_parse_gives_one_canonical_form():

@@ -18,6 +18,7 @@ import torch
 
 from dropup.convert import ratios, surgery
 from dropup.convert.methods import METHODS
+from dropup.convert.upcycle import check_ratio
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.card import parameter_counts
@@ -251,7 +252,7 @@ def _provenance(path: Path) -> dict:
     uses_ratio = known is None or known.uses_ratio
     ratio = get("options.ratio", (*number, list, str))
     try:
-        ratio = ratios.parse(ratio, _is_unit)
+        ratio = ratios.parse(ratio, check_ratio)
     except UserError:
         raise _Unreadable(f"its 'options.ratio' is {json.dumps(ratio)[:40]}, of the wrong type") from None
     try:
@@ -273,11 +274,6 @@ def _provenance(path: Path) -> dict:
         "intact_fraction_mean": sum(intact) / len(intact),
         "intact_fraction_min": min(intact), "intact_fraction_max": max(intact),
     }
-
-
-def _is_unit(label: str, value) -> None:
-    if not (_is(value, (int, float)) and 0 <= value <= 1):
-        raise UserError(f"{label} {value!r} is not in [0, 1]")
 
 
 def _human(n: int) -> str:

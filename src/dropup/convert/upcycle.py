@@ -89,8 +89,7 @@ class UpcycleOptions:
 
     def validate(self) -> None:
         check_choices(self)
-        ratio_range = UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"]
-        self.ratio = ratios.parse(self.ratio, ratio_range.check)
+        self.ratio = ratios.parse(self.ratio, check_ratio)
         check_ranges(self, skip=("ratio",))
         for f in dataclasses.fields(self):  # numpy scalars pass the checks; upcycling.json needs plain numbers
             value = getattr(self, f.name)
@@ -116,6 +115,11 @@ class UpcycleOptions:
         _check_shard_size(self.max_shard_size)
         if self.verify_text is not None:
             self.verify = True
+
+
+def check_ratio(label: str, value) -> None:
+    """One value of a --ratio spec against the ratio field's range (also for specs read back)."""
+    UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"].check(label, value)
 
 
 def recorded_options(opts: UpcycleOptions) -> dict:
