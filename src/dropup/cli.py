@@ -39,8 +39,9 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("out", help="output directory (created; must be empty unless --overwrite)")
     p.add_argument("--method", default=d.method, choices=choices(UpcycleOptions, "method"),
                    help="construction method (default: %(default)s; see README)")
-    p.add_argument("--ratio", type=float, default=d.ratio,
-                   help="fraction r of each expert's neurons re-initialised (drop) or perturbed (noise)")
+    p.add_argument("--ratio", default=d.ratio, metavar="R",
+                   help="fraction r of each expert's neurons re-initialised (drop) or perturbed (noise): "
+                   "one value (default %(default)s), one per layer (0.2,0.4,...), or linear:A:B over depth")
     p.add_argument("--num-experts", type=int, default=d.num_experts,
                    help="experts E per MoE layer (default 8, the paper's)")
     p.add_argument("--top-k", type=int, default=d.top_k,
@@ -53,6 +54,11 @@ def _upcycle_parser(sub) -> None:
                    "per-matrix: an independent set per matrix (the authors' released script)")
     p.add_argument("--reinit-stats", default=d.reinit_stats, choices=choices(UpcycleOptions, "reinit_stats"),
                    help="mean/std of the replaced slice (default) or of the whole dense matrix")
+    p.add_argument("--reinit-scale", type=float, default=d.reinit_scale, metavar="S",
+                   help="drop: draw the new values with S times the dense weights' std (default 1)")
+    p.add_argument("--reinit-down", default=d.reinit_down, choices=choices(UpcycleOptions, "reinit_down"),
+                   help="drop: the re-drawn neurons' down-projection columns drawn (default) or zeros "
+                   "(those neurons start silent)")
     p.add_argument("--noise-std", type=float, default=d.noise_std, help="std of the noise method")
     p.add_argument("--router-init", default=d.router_init, choices=choices(UpcycleOptions, "router_init"),
                    help="the new routers: zero-mean uniform (the authors' choice), normal, or zeros")

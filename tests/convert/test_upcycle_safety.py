@@ -159,7 +159,9 @@ def test_numeric_options_from_python(src, tmp_path):
 
     from dropup import UserError, upcycle
 
-    for bad in (dict(ratio="0.5"), dict(seed=1.5), dict(num_experts=True), dict(router_std=float("nan")),
+    # --ratio takes text ("0.5", "0.2,0.4", "linear:A:B"; tests/convert/test_ratio.py), so text that
+    # is none of those stands for a string where a number belongs
+    for bad in (dict(ratio="half"), dict(ratio=True), dict(seed=1.5), dict(num_experts=True), dict(router_std=float("nan")),
                 dict(max_shard_size=-5)):
         with pytest.raises(UserError):
             upcycle(src, tmp_path / "out", progress=False, **bad)

@@ -41,8 +41,10 @@ def _usage_error(capsys, argv) -> str:
     (["upcycle", "a", "b", "--method", "magic"],
      "dropup upcycle: error: argument --method: invalid choice: 'magic' (choose from 'drop', 'naive', "
      "'noise', 'scratch', 'btx') (see dropup upcycle --help)"),
-    (["upcycle", "a", "b", "--ratio", "abc"],
-     "dropup upcycle: error: argument --ratio: invalid float value: 'abc' (see dropup upcycle --help)"),
+    # (--ratio takes text, a list or linear:A:B, so its bad values are the options' own one line:
+    # tests/convert/test_ratio.py)
+    (["upcycle", "a", "b", "--top-k", "abc"],
+     "dropup upcycle: error: argument --top-k: invalid int value: 'abc' (see dropup upcycle --help)"),
     (["upcycle", "a", "b", "--num-experts"],
      "dropup upcycle: error: argument --num-experts: expected one argument (see dropup upcycle --help)"),
     (["nosuch"], "dropup: error: argument {upcycle,inspect,demo,repro,train,data,generate,eval,analyze}: invalid choice: 'nosuch' "
@@ -77,10 +79,10 @@ def test_help_is_still_the_whole_usage(capsys, argv):
 
 
 def test_real_entry_point_usage_error():
-    r = subprocess.run([sys.executable, "-m", "dropup", "upcycle", "--ratio", "abc"], env=ENV,
+    r = subprocess.run([sys.executable, "-m", "dropup", "upcycle", "--top-k", "abc"], env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == ("dropup upcycle: error: argument --ratio: invalid float value: 'abc' "
+    assert r.stderr == ("dropup upcycle: error: argument --top-k: invalid int value: 'abc' "
                         "(see dropup upcycle --help)\n")
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropup.convert import surgery
+from dropup.convert import ratios, surgery
 from dropup.convert.methods import METHODS
+from dropup.convert.upcycle import check_ratio
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.card import parameter_counts
@@ -262,9 +263,24 @@ def _provenance(path: Path) -> dict:
     if not intact or not all(_is(v, number) for v in intact):
         raise _Unreadable("its 'layers' holds no experts or an intact_fraction that is not a number")
     known = METHODS.get(method)
-    ratio = get("options.ratio", number)
+    uses_ratio = known is None or known.uses_ratio
+    ratio = get("options.ratio", (*number, list, str))
+    try:
+        ratio = ratios.parse(ratio, check_ratio)
+    except UserError:
+        raise _Unreadable(f"its 'options.ratio' is {json.dumps(ratio)[:40]}, of the wrong type") from None
+    try:
+        per_layer = ratios.recorded(prov)
+    except ValueError as e:
+        raise _Unreadable(f"its {e}") from None
+    if per_layer is not None and len(per_layer) != len(layers):
+        raise _Unreadable(f"its 'ratio_per_layer' has {len(per_layer)} values for {len(layers)} layers")
+    options = prov["options"]
     return {
-        "method": method, "ratio": ratio if known is None or known.uses_ratio else None,
+        "method": method, "ratio": (list(ratio) if isinstance(ratio, tuple) else ratio) if uses_ratio else None,
+        "ratio_per_layer": list(per_layer) if uses_ratio and per_layer is not None else None,
+        # recorded only when set (upcycle.recorded_options); drop's alone
+        "reinit_scale": options.get("reinit_scale", 1.0), "reinit_down": options.get("reinit_down", "drawn"),
         "index_sampling": get("options.index_sampling"), "reinit_stats": get("options.reinit_stats"),
         "router_init": get("options.router_init"), "seed": get("options.seed", int),
         "dropup_version": get("dropup_version"), "source": get("source.path"),
@@ -303,17 +319,24 @@ def format_report(r: dict) -> str:
                      "how this checkpoint was built is unknown")
     u = r.get("upcycling")
     if u:
-        method = u["method"] + (f" (r = {u['ratio']}, {u['index_sampling']} indices, "
-                                f"{u['reinit_stats']} statistics)" if u["ratio"] is not None else "")
+        per_layer = " per layer" if u["ratio_per_layer"] else ""
+        gentler = (f", re-drawn std x {u['reinit_scale']}" if u["reinit_scale"] != 1.0 else "") + (
+            ", re-drawn down columns zero" if u["reinit_down"] == "zeros" else "")
+        method = u["method"] + (f" (r = {ratios.text(u['ratio'])}{per_layer}, {u['index_sampling']} indices, "
+                                f"{u['reinit_stats']} statistics{gentler})" if u["ratio"] is not None else "")
         lines += [
             f"method       {method}; router {u['router_init']}; seed {u['seed']}",
             f"source       {u['source']} ({u['source_type']}); dropup {u['dropup_version']}",
             f"intact       {u['intact_fraction_mean']:.4f} of each expert's neurons untouched "
             f"(min {u['intact_fraction_min']:.4f}, max {u['intact_fraction_max']:.4f})",
         ]
+    r_of = (u or {}).get("ratio_per_layer")
     if "similarity" in r:
-        lines.append("layer  mean cos  min cos  identical neurons (mean over expert pairs)")
+        lines.append("layer" + ("  r     " if r_of else "") + "  mean cos  min cos  identical neurons "
+                     "(mean over expert pairs)")
         for s in r["similarity"]:
-            lines.append(f"{s['layer']:>5}  {s['mean_cosine']:8.4f} {s['min_cosine']:8.4f}  "
-                         f"{s['mean_identical_neurons']:.4f}")
+            lines.append(f"{s['layer']:>5}" + (f"  {r_of[s['layer']]:.4f}" if r_of else "")
+                         + f"  {s['mean_cosine']:8.4f} {s['min_cosine']:8.4f}  {s['mean_identical_neurons']:.4f}")
+    elif r_of:
+        lines.append("r per layer  " + " ".join(f"{x:.4g}" for x in r_of))
     return "\n".join(lines)

@@ -53,11 +53,11 @@ class Method:
 
 def index_sets(ctx: Context, layer: int, expert: int) -> dict[str, torch.Tensor]:
     """The neurons each FFN matrix of one expert re-initialises (drop) or perturbs (noise)."""
-    o, d_f = ctx.opts, ctx.shape.d_f
+    o, d_f, ratio = ctx.opts, ctx.shape.d_f, ctx.ratios[layer]
     if o.index_sampling == "shared":
-        idx = surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert))
+        idx = surgery.sample_indices(d_f, ratio, surgery.generator(o.seed, "indices", layer, expert))
         return {m: idx for m in surgery.FFN_MATRICES}
-    return {m: surgery.sample_indices(d_f, o.ratio, surgery.generator(o.seed, "indices", layer, expert, m))
+    return {m: surgery.sample_indices(d_f, ratio, surgery.generator(o.seed, "indices", layer, expert, m))
             for m in surgery.FFN_MATRICES}
 
 
@@ -77,9 +77,14 @@ def _to_change(ctx: Context, layer: int, expert: int, matrix: str, name: str):
 
 def _drop_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
     dense, idx, key, out = _to_change(ctx, layer, expert, matrix, name)
-    stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix),
-                                       idx if ctx.opts.reinit_stats == "slice" else None)
-    surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
+    o = ctx.opts
+    if matrix == "down" and o.reinit_down == "zeros":
+        surgery.silence_neurons(dense, matrix, idx, out=out)
+        stats = surgery.ReinitStats(0.0, 0.0)  # what zeros are drawn from
+    else:
+        stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix),
+                                           idx if o.reinit_stats == "slice" else None).scaled(o.reinit_scale)
+        surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
     ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.shape.d_f,
                                             "mean": stats.mean, "std": stats.std}
     return out

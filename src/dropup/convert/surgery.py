@@ -86,6 +86,11 @@ class ReinitStats:
     mean: float
     std: float
 
+    def scaled(self, scale: float) -> ReinitStats:
+        """The same mean, the standard deviation times ``scale`` (``--reinit-scale``: gentler
+        re-drawn neurons add less noise to the residual stream; 1 returns equal numbers)."""
+        return ReinitStats(self.mean, self.std * scale)
+
 
 def reinit_stats(dense: torch.Tensor, matrix: str, idx: torch.Tensor, over: str) -> ReinitStats:
     """Mean and std that the replacement values are drawn with.
@@ -188,6 +193,19 @@ def drop_reinit(
     values = _normal(_neuron_shape(dense, matrix, idx.numel()), stats.mean, stats.std, key,
                      scratch, dtype)
     return put_neurons(dense, matrix, idx, _cast(values, out, scratch), out)
+
+
+def silence_neurons(
+    dense: torch.Tensor, matrix: str, idx: torch.Tensor, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dense`` with neurons ``idx`` set to zero (``--reinit-down zeros`` on down's columns):
+    a neuron whose down column is zero adds nothing to the expert's output, whatever gate and up
+    compute, while that column still receives gradients (gate and up are re-drawn, so the
+    neuron's activation is not zero) and the neuron learns from the first step."""
+    if out is None:
+        out = torch.empty_like(dense)
+    out.copy_(dense)
+    return out.index_fill_(NEURON_AXIS[matrix], idx, 0)
 
 
 def add_noise(

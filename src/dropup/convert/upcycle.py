@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from dropup.convert import surgery
+from dropup.convert import ratios, surgery
 from dropup.options import check_choices, check_ranges, ranged
 from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction, non_ffn_tensor,
                                     shared_expert_matrix)
@@ -50,18 +50,28 @@ from dropup.hub.safetensors import (
 
 
 _STD = "a standard deviation; default 0.02"
+# Field metadata. "only": the one method that uses the option (another method with a value other
+# than the default is refused). "recorded": "when-set": see recorded_options.
+_GENTLER = {"only": "drop", "recorded": "when-set"}
 
 
 @dataclass
 class UpcycleOptions:
     method: MethodName = "drop"
-    ratio: float = ranged(0.5, ge=0, le=1, hint="0.5 is the paper's choice")
+    # one r for every layer, one per layer, or linear:A:B over depth (``ratios``); each in [0, 1]
+    ratio: ratios.Ratio = ranged(0.5, ge=0, le=1, hint="0.5 is the paper's choice")
     num_experts: int = ranged(8, ge=2, integer=True, hint="an MoE needs at least 2 experts")
     top_k: int = ranged(2, ge=1, le="num_experts", integer=True, hint="the paper routes each token to 2")
     seed: int = ranged(0, ge=0, le=2**63 - 1, integer=True)
     # shared: one neuron set per expert for gate, up and down; per-matrix: one set per matrix
     index_sampling: Literal["shared", "per-matrix"] = "shared"
     reinit_stats: Literal["slice", "matrix"] = "slice"  # moments of the replaced slice or whole matrix
+    # The re-drawn values' std is the statistic's times this (1: the paper).
+    reinit_scale: float = ranged(1.0, gt=0, metadata=_GENTLER,
+                                 hint="1 draws with the dense weights' own std, the paper's choice")
+    # The re-drawn neurons' columns of down drawn like gate and up (the paper), or zero, so that
+    # those neurons start silent and the kept ones carry the function.
+    reinit_down: Literal["drawn", "zeros"] = field(default="drawn", metadata=_GENTLER)
     noise_std: float = ranged(0.02, ge=0, hint=_STD)
     router_init: Literal["uniform", "normal", "zeros"] = "uniform"
     router_std: float = ranged(0.02, ge=0, hint=_STD)
@@ -80,12 +90,23 @@ class UpcycleOptions:
 
     def validate(self) -> None:
         check_choices(self)
-        check_ranges(self)
+        self.ratio = ratios.parse(self.ratio, check_ratio)
+        check_ranges(self, skip=("ratio",))
         for f in dataclasses.fields(self):  # numpy scalars pass the checks; upcycling.json needs plain numbers
             value = getattr(self, f.name)
-            if "range" in f.metadata and type(value) not in (int, float):
+            if "range" in f.metadata and f.name != "ratio" and type(value) not in (int, float):
                 setattr(self, f.name, int(value) if f.metadata["range"].integer else float(value))
-        takes_sources = METHODS[self.method].sources
+        method = METHODS[self.method]
+        if ratios.is_per_layer(self.ratio) and not method.uses_ratio:
+            raise UserError(f"--ratio {ratios.text(self.ratio)} sets r per layer, but --method {self.method} "
+                            "does not use --ratio (" + " and ".join(n for n, m in METHODS.items() if m.uses_ratio)
+                            + " do); pass one value or leave --ratio out")
+        for f in dataclasses.fields(self):
+            only = f.metadata.get("only")
+            if only and only != self.method and getattr(self, f.name) != f.default:
+                raise UserError(f"--{f.name.replace('_', '-')} changes how {only} re-draws neurons; --method "
+                                f"{self.method} does not use it (leave it out or use --method {only})")
+        takes_sources = method.sources
         if self.sources and not takes_sources:
             raise UserError("--sources is only used with --method "
                             + " or ".join(n for n, m in METHODS.items() if m.sources))
@@ -99,6 +120,21 @@ class UpcycleOptions:
             parse_moe_layers(self.moe_layers)  # the syntax now; the range once SRC's depth is known
         if self.verify_text is not None:
             self.verify = True
+
+
+def check_ratio(label: str, value) -> None:
+    """One value of a --ratio spec against the ratio field's range (also for specs read back)."""
+    UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"].check(label, value)
+
+
+def recorded_options(opts: UpcycleOptions) -> dict:
+    """The options as ``upcycling.json`` records them. Options added after its layout was fixed
+    (``recorded: when-set``) appear only when they differ from their default: an absent key means
+    the default, as in the records written before they existed, so a conversion that does not use
+    them writes the same bytes as before."""
+    unset = {f.name for f in dataclasses.fields(opts)
+             if f.metadata.get("recorded") == "when-set" and getattr(opts, f.name) == f.default}
+    return {k: v for k, v in asdict(opts).items() if k not in ("progress", "threads", *unset)}
 
 
 def _check_shard_size(size) -> None:
@@ -122,6 +158,7 @@ class Context:
     target: str
     out_dtype: torch.dtype
     sources: list[CheckpointReader]
+    ratios: tuple[float, ...]  # r of each layer (``ratios.per_layer``)
     moe_layers: list[int] | None = None  # the layers that become MoE (None: all); the others stay dense
     experts: dict[tuple[int, int], dict] = field(default_factory=dict)  # provenance per expert
     checksums: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, tensor) -> sha
@@ -171,7 +208,7 @@ class _FFNCache:
     def _read(self, source: int, layer: int, matrix: str) -> torch.Tensor:
         ctx = self.ctx
         tensor = ctx.read(source, ctx.shape.ffn_name(layer, matrix))
-        if ctx.method.copies(ctx.opts.ratio):
+        if ctx.method.copies(ctx.ratios[layer]):
             # Experts that are plain copies are written straight from this tensor, as many times
             # as there are experts. The experts of a layer are placed alike wherever their size
             # is a multiple of a page; where they are not, the writer copies.
@@ -221,7 +258,6 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
     """Every output tensor, in file order, with the function that makes it."""
     shape, target, o, dt = ctx.shape, ctx.target, ctx.opts, ctx.out_dtype
     non_ffn = shape.non_ffn_tensors()
-    build_expert = ctx.method.builder(o.ratio)
     plan: list[tuple[TensorSpec, Callable]] = []
 
     def add(name: str, shp: tuple[int, ...], fn: Callable) -> None:
@@ -256,6 +292,7 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
             lambda k=router_key: surgery.router_weight(
                 o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
+        build_expert = ctx.method.builder(ctx.ratios[layer])
         fused = archs.fused_experts(target, layer)
         for name, matrices in fused.items():
             rows, cols = shape.ffn_shape(matrices[0])
@@ -365,6 +402,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     main = CheckpointReader(local[0], "SRC")
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
+    layer_ratios = ratios.per_layer(opts.ratio, shape.layers)
     sources = [main]
     for s in local[1:]:
         ck = CheckpointReader(s, "btx source")
@@ -381,7 +419,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
                        aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
-    ctx = Context(opts, method, shape, target, out_dtype, sources, moe_layers=moe.moe_layers)
+    ctx = Context(opts, method, shape, target, out_dtype, sources, layer_ratios, moe_layers=moe.moe_layers)
     if opts.verify:
         from dropup.convert.verify import verify, windows
 
@@ -469,7 +507,9 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
     return {
         "dropup_version": __version__,
         "method": opts.method,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "threads")},
+        "options": recorded_options(opts),
+        # the r each layer was built with, where the spec gives one per layer
+        **({"ratio_per_layer": list(ctx.ratios)} if ratios.is_per_layer(opts.ratio) else {}),
         "seed": opts.seed,
         "target": ctx.target,
         "function_preserving_target": archs.function_preserving_target(shape, ctx.target),

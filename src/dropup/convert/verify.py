@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dropup.convert import ratios
 from dropup.convert.methods import METHODS
 from dropup.errors import UserError
 from dropup.hub import names as archs
@@ -36,18 +37,21 @@ TEXT_BYTES = 4 << 20  # of --verify-text read; far more than 8 windows need
 RELATIVE_TOLERANCE = 1e-4  # of the largest dense logit (at least 1): float32 reordering, not a bug
 
 
-def expects_dense_logits(provenance: dict) -> bool:
+def _method_preserves_dense(provenance: dict) -> bool:
     o = provenance["options"]
-    return (provenance.get("function_preserving_target", True)
-            and METHODS[o["method"]].preserves_dense(o["ratio"]))
+    return all(METHODS[o["method"]].preserves_dense(r) for r in ratios.recorded(provenance) or (o["ratio"],))
+
+
+def expects_dense_logits(provenance: dict) -> bool:
+    return provenance.get("function_preserving_target", True) and _method_preserves_dense(provenance)
 
 
 def why_not_exact(provenance: dict) -> str | None:
     """Why the MoE does not compute the dense function at step 0 (None when it does)."""
     o = provenance["options"]
     reasons = []
-    if not METHODS[o["method"]].preserves_dense(o["ratio"]):
-        reasons.append(f"method {o['method']} " + METHODS[o["method"]].changes.format(ratio=o["ratio"]))
+    if not _method_preserves_dense(provenance):
+        reasons.append(f"method {o['method']} " + METHODS[o["method"]].changes.format(ratio=ratios.text(o["ratio"])))
     if not provenance.get("function_preserving_target", True):
         reasons.append(f"target {provenance['target']} normalises queries and keys, which the "
                        f"{provenance.get('source', {}).get('config', {}).get('model_type', 'dense')} source does not")

@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from dropup.convert import ratios
 from dropup.errors import UserError
 from dropup.hub.digest import sha256_file
 from dropup.hub.safetensors import TOKENIZER_FILES
@@ -87,7 +88,7 @@ def model_card(info: dict) -> str:
                  f"Upcycled from the dense checkpoint `{up.get('source') or 'unknown'}` by dropup "
                  f"(method `{up['method']}`):", ""]
         if up.get("method") in ("drop", "noise") and up.get("ratio") is not None:
-            body.append(f"- ratio: {up['ratio']}")
+            body.append(f"- ratio: {ratios.text(up['ratio'])}" + (" (per layer)" if ratios.is_per_layer(up["ratio"]) else ""))
         body += [f"- experts: {up.get('num_experts', experts)}", f"- seed: {up['seed']}", ""]
     tr = info.get("training")
     if tr:
