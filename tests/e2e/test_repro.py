@@ -43,6 +43,10 @@ def test_overrides_are_typed_and_bad_ones_refused():
     assert v.variant == {"reinit_stats": "matrix", "ratio": 0.25}
     assert variant_options(v.variant) == {"method": "drop", "ratio": 0.25, "index_sampling": "shared",
                                           "reinit_stats": "matrix"}
+    # The ablations are one --set each: per-layer r, silent re-drawn neurons, mixed layers.
+    for item in ("variant.ratio=linear:0.25:0.75", "variant.reinit_down=zeros", "variant.reinit_scale=0.5"):
+        variant_options(with_overrides(PRESETS["cpu-tiny"], [item]).variant)
+    variant_options(with_overrides(PRESETS["cpu-tiny"], ["variant.target=qwen3_moe", "variant.moe_layers=every:2"]).variant)
     for bad, msg in (("variant.seed=3", "not an upcycling option"), ("variant.nosuch=1", "not an upcycling option"),
                      ("variant.ratio=2", "ratio"), ("variant.method=btx", "BTX")):
         with pytest.raises(UserError, match=msg):
