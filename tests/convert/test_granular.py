@@ -225,3 +225,10 @@ def test_trainer_trains_a_granular_checkpoint(tmp_path):
     final = next(p for p in sorted(run.rglob("config.json")) if "moe_intermediate_size" in p.read_text()
                  or '"intermediate_size": 32' in p.read_text())
     assert json.loads(final.read_text())["intermediate_size"] == 32  # mixtral: the expert width
+
+
+@pytest.mark.parametrize("kw", [dict(method="drop", ratio=0.5, shared_expert="dense"),
+                                dict(method="naive", granularity=4, num_experts=8, top_k=4)])
+def test_verify_expects_the_dense_function_of_exact_starts(dense_models, tmp_path, kw):
+    r = _run(dense_models["qwen2"], tmp_path / "moe", verify=True, **kw)["verify"]
+    assert r["exact"] and r["matches_dense"] and r["max_abs_logit_diff"] < 1e-4
