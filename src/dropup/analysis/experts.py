@@ -302,8 +302,8 @@ def format_report(r: dict) -> str:
             f"(min {u['intact_fraction_min']:.4f}, max {u['intact_fraction_max']:.4f})",
         ]
         if u["granularity"] > 1:
-            lines.append(f"granularity  {u['granularity']}: each expert is one of {u['granularity']} shards of "
-                         "a dense FFN copy, a copy's shards routed as one virtual group")
+            lines.append(f"granularity  {u['granularity']}: each expert one of {u['granularity']} neuron shards of "
+                         "a dense FFN copy; the router started with one logit per copy (virtual groups)")
         if r["shared_expert"]:
             lines.append(f"shared       the shared expert started {u['shared_expert_start']}")
     if "similarity" in r:
