@@ -30,8 +30,8 @@ import torch
 
 from dropup.convert import surgery
 from dropup.options import check_choices, check_ranges, ranged
-from dropup.convert.methods import (METHODS, Method, MethodName, expert_shard, intact_fraction,
-                                    non_ffn_tensor, routed_group, shared_expert_matrix)
+from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction, non_ffn_tensor,
+                                    routed_group, shared_expert_matrix)
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
@@ -73,7 +73,7 @@ class UpcycleOptions:
     # Fine-grained experts: each dense FFN cut into G shards of d_f / G neurons (see _plan).
     granularity: int = ranged(1, ge=1, integer=True, metadata=_WHEN_SET,
                               hint="1 keeps whole-width experts; G must divide the dense d_f")
-    # How Qwen2-MoE's always-on shared expert starts (see shared_expert_start) and its width
+    # How Qwen2-MoE's always-on shared expert starts (see shared_expert_matrix) and its width
     # (0: the start's own, d_f or d_f / G).
     shared_expert: Literal["silent", "dense", "shard"] = field(default="silent", metadata=_WHEN_SET)
     shared_expert_size: int = ranged(0, ge=0, integer=True, metadata=_WHEN_SET,
@@ -105,7 +105,6 @@ class UpcycleOptions:
         self._check_granularity()
         if self.verify_text is not None:
             self.verify = True
-
 
     def _check_granularity(self) -> None:
         """What --granularity and --shared-expert need of E and k (d_f and the target: _check_layout)."""
@@ -207,8 +206,7 @@ class Context:
         return self.shape.d_f // self.opts.granularity
 
     def expert_shape(self, matrix: str) -> tuple[int, int]:
-        w, h = self.expert_width, self.shape.hidden
-        return (h, w) if matrix == "down" else (w, h)
+        return _ffn_shape(matrix, self.expert_width, self.shape.hidden)
 
     @property
     def shared_width(self) -> int:
@@ -216,8 +214,7 @@ class Context:
         return shared_expert_width(self.opts, self.shape.d_f)
 
     def shared_shape(self, matrix: str) -> tuple[int, int]:
-        w, h = self.shared_width, self.shape.hidden
-        return (h, w) if matrix == "down" else (w, h)
+        return _ffn_shape(matrix, self.shared_width, self.shape.hidden)
 
     def read(self, source: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of source ``source``; its checksum goes into the provenance."""
@@ -230,6 +227,11 @@ class Context:
         if not hasattr(self._local, "scratch"):
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
+
+
+def _ffn_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
+    """An FFN matrix of ``width`` intermediate neurons, in nn.Linear layout (surgery.NEURON_AXIS)."""
+    return (hidden, width) if surgery.NEURON_AXIS[matrix] == 1 else (width, hidden)
 
 
 class _FFNCache:
