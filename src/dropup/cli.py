@@ -72,6 +72,14 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--moe-layers", default=d.moe_layers, metavar="SPEC",
                    help="only these layers become MoE, the others keep the dense FFN: indices (1,3) or "
                    "every:N (layers N-1, 2N-1, ...; Qwen-MoE's decoder_sparse_step); qwen2_moe, qwen3_moe")
+    p.add_argument("--granularity", type=int, default=d.granularity, metavar="G",
+                   help="fine-grained experts: each dense FFN cut into G shards of d_f / G neurons; "
+                   "E and --top-k multiples of G (default 1: whole-width experts)")
+    p.add_argument("--shared-expert", default=d.shared_expert, choices=choices(UpcycleOptions, "shared_expert"),
+                   help="qwen2_moe: how the shared expert starts: silent (default), dense (a copy of "
+                   "the dense FFN, routed experts silent) or shard (shard 0 of G)")
+    p.add_argument("--shared-expert-size", type=int, default=d.shared_expert_size, metavar="N",
+                   help="qwen2_moe: the shared expert's intermediate width (default: d_f, or d_f / G for shard)")
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,
                    help="router_aux_loss_coef in config.json (default 0.02, the paper's)")
     p.add_argument("--dtype", default=d.dtype, choices=choices(UpcycleOptions, "dtype"),

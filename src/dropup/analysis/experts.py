@@ -287,7 +287,18 @@ def _provenance(path: Path) -> dict:
         "source_type": get("source.config", dict).get("model_type"),
         "intact_fraction_mean": sum(intact) / len(intact),
         "intact_fraction_min": min(intact), "intact_fraction_max": max(intact),
+        **_layout(prov["options"]),
     }
+
+
+def _layout(options: dict) -> dict:
+    """--granularity and the shared expert's start: recorded only when set (upcycle.recorded_options)."""
+    granularity, start = options.get("granularity", 1), options.get("shared_expert", "silent")
+    if not _is(granularity, int) or granularity < 1:
+        raise _Unreadable(f"its 'options.granularity' is {json.dumps(granularity)[:40]}, not a positive integer")
+    if not _is(start, str):
+        raise _Unreadable(f"its 'options.shared_expert' is {json.dumps(start)[:40]}, of the wrong type")
+    return {"granularity": granularity, "shared_expert_start": start}
 
 
 def _human(n: int) -> str:
@@ -330,6 +341,11 @@ def format_report(r: dict) -> str:
             f"intact       {u['intact_fraction_mean']:.4f} of each expert's neurons untouched "
             f"(min {u['intact_fraction_min']:.4f}, max {u['intact_fraction_max']:.4f})",
         ]
+        if u["granularity"] > 1:
+            lines.append(f"granularity  {u['granularity']}: each expert one of {u['granularity']} neuron shards of "
+                         "a dense FFN copy; the router started with one logit per copy (virtual groups)")
+        if r["shared_expert"]:
+            lines.append(f"shared       the shared expert started {u['shared_expert_start']}")
     r_of = (u or {}).get("ratio_per_layer")
     if "similarity" in r:
         lines.append("layer" + ("  r     " if r_of else "") + "  mean cos  min cos  identical neurons "

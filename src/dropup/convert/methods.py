@@ -51,9 +51,31 @@ class Method:
         return copy_expert if self.copies(ratio) else self.expert
 
 
+def routed_group(opts) -> int:
+    """Fine-grained experts per copy of the dense FFN (a virtual group): G, or G - 1 where shard 0
+    of every copy is the shared expert (``--shared-expert shard``)."""
+    return opts.granularity - (opts.shared_expert == "shard")
+
+
+def expert_shard(opts, expert: int) -> tuple[int, int]:
+    """(copy, shard) that routed expert ``expert`` starts from: shard (e mod g) of copy
+    floor(e / g), the shards counted after the shared expert's when it takes shard 0."""
+    g = routed_group(opts)
+    return expert // g, expert % g + (opts.shared_expert == "shard")
+
+
+def start_matrix(ctx: Context, source: int, layer: int, expert: int, matrix: str) -> torch.Tensor:
+    """The dense matrix an expert starts from: the whole dense FFN's, or with ``--granularity``
+    its shard, down scaled by the group size (see ``upcycle``'s note on exactness)."""
+    if ctx.opts.granularity == 1:
+        return ctx.cache.get(source, layer, matrix)
+    return ctx.cache.shard(source, layer, matrix, expert_shard(ctx.opts, expert)[1])
+
+
 def index_sets(ctx: Context, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """The neurons each FFN matrix of one expert re-initialises (drop) or perturbs (noise)."""
-    o, d_f, ratio = ctx.opts, ctx.shape.d_f, ctx.ratios[layer]
+    """The neurons each FFN matrix of one expert re-initialises (drop) or perturbs (noise), among
+    the expert's own (d_f / G of them with ``--granularity G``), r of them at this layer's r."""
+    o, d_f, ratio = ctx.opts, ctx.expert_width, ctx.ratios[layer]
     if o.index_sampling == "shared":
         idx = surgery.sample_indices(d_f, ratio, surgery.generator(o.seed, "indices", layer, expert))
         return {m: idx for m in surgery.FFN_MATRICES}
@@ -64,14 +86,15 @@ def index_sets(ctx: Context, layer: int, expert: int) -> dict[str, torch.Tensor]
 def copy_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
     """The FFN of the source this expert comes from (btx's assignment; with one source, the dense
     FFN), written straight from the cached matrix when the writer can take it as it is."""
-    source = surgery.btx_source_of_expert(expert, ctx.opts.num_experts, len(ctx.sources))
-    return ctx.writer.placed(name, ctx.cache.get(source, layer, matrix))
+    g = routed_group(ctx.opts)
+    source = surgery.btx_source_of_expert(expert // g, ctx.opts.num_experts // g, len(ctx.sources))
+    return ctx.writer.placed(name, start_matrix(ctx, source, layer, expert, matrix))
 
 
 def _to_change(ctx: Context, layer: int, expert: int, matrix: str, name: str):
     """What drop and noise start from: the dense matrix, the neurons this expert changes, the key
     of its random values and the output buffer."""
-    return (ctx.cache.get(0, layer, matrix), index_sets(ctx, layer, expert)[matrix],
+    return (start_matrix(ctx, 0, layer, expert, matrix), index_sets(ctx, layer, expert)[matrix],
             surgery.derive_seed(ctx.opts.seed, "values", layer, expert, matrix), ctx.writer.buffer(name))
 
 
@@ -82,10 +105,11 @@ def _drop_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) 
         surgery.silence_neurons(dense, matrix, idx, out=out)
         stats = surgery.ReinitStats(0.0, 0.0)  # what zeros are drawn from
     else:
-        stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix),
+        shard = expert_shard(o, expert)[1] if o.granularity > 1 else None
+        stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix, shard),
                                            idx if o.reinit_stats == "slice" else None).scaled(o.reinit_scale)
         surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
-    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.shape.d_f,
+    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.expert_width,
                                             "mean": stats.mean, "std": stats.std}
     return out
 
@@ -93,14 +117,14 @@ def _drop_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) 
 def _noise_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
     dense, idx, key, out = _to_change(ctx, layer, expert, matrix, name)
     surgery.add_noise(dense, matrix, idx, ctx.opts.noise_std, key, out=out, scratch=ctx.scratch())
-    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.shape.d_f,
+    ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.expert_width,
                                             "noise_std": ctx.opts.noise_std}
     return out
 
 
 def _scratch_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) -> torch.Tensor:
     key = surgery.derive_seed(ctx.opts.seed, "scratch", layer, expert, matrix)
-    return surgery.scratch_weight(ctx.shape.ffn_shape(matrix), ctx.opts.init_std, key, ctx.out_dtype)
+    return surgery.scratch_weight(ctx.expert_shape(matrix), ctx.opts.init_std, key, ctx.out_dtype)
 
 
 def _always(ratio: float) -> bool:
@@ -141,10 +165,10 @@ def intact_fraction(ctx: Context, layer: int, expert: int) -> float:
     """The fraction of one expert's neurons untouched in all three matrices."""
     if not ctx.method.uses_ratio:
         return ctx.method.intact
-    touched = torch.zeros(ctx.shape.d_f, dtype=torch.bool)
+    touched = torch.zeros(ctx.expert_width, dtype=torch.bool)
     for idx in index_sets(ctx, layer, expert).values():
         touched[idx] = True
-    return 1.0 - touched.sum().item() / ctx.shape.d_f
+    return 1.0 - touched.sum().item() / ctx.expert_width
 
 
 def non_ffn_tensor(ctx: Context, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -164,11 +188,19 @@ def non_ffn_tensor(ctx: Context, name: str, shape: tuple[int, ...]) -> torch.Ten
 
 
 def shared_expert_matrix(ctx: Context, layer: int, matrix: str) -> torch.Tensor:
-    """Gate or up of Qwen2-MoE's shared expert at step 0: the dense FFN's (the mean of the
-    sources), or fresh where the non-FFN tensors are."""
-    o, shape = ctx.opts, ctx.shape.ffn_shape(matrix)
+    """A matrix of Qwen2-MoE's shared expert at step 0 (``--shared-expert``), from the dense FFN
+    (the mean of the sources), or fresh where the non-FFN tensors are. silent: gate and up the
+    dense FFN's first neurons, down zero. dense: the whole dense FFN; shard: its shard 0; in both,
+    down doubled, because the shared expert's gate starts at zero and sigmoid(0) = 1/2."""
+    o, shape = ctx.opts, ctx.shared_shape(matrix)
+    if matrix == "down" and o.shared_expert == "silent":
+        return torch.zeros(shape, dtype=ctx.out_dtype)
     if ctx.method.non_ffn == "init":
         key = surgery.derive_seed(o.seed, "scratch", layer, "shared", matrix)
         return surgery.scratch_weight(shape, o.init_std, key, ctx.out_dtype)
-    dense = [ctx.cache.get(i, layer, matrix) for i in range(len(ctx.sources))]
-    return surgery.mean_of(dense).to(ctx.out_dtype)
+    dense = surgery.mean_of([ctx.cache.get(i, layer, matrix) for i in range(len(ctx.sources))])
+    if o.shared_expert == "shard":
+        part = surgery.neuron_shard(dense, matrix, 0, o.granularity)
+    else:
+        part = dense.narrow(surgery.NEURON_AXIS[matrix], 0, ctx.shared_width)
+    return (part * 2.0 if matrix == "down" else part).to(ctx.out_dtype)

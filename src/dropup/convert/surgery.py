@@ -261,6 +261,27 @@ def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     return acc / len(tensors)
 
 
+def neuron_shard(dense: torch.Tensor, matrix: str, shard: int, granularity: int,
+                 scale: float = 1.0) -> torch.Tensor:
+    """Shard ``shard`` of ``granularity`` equal contiguous neuron ranges of a dense FFN matrix
+    (fine-grained upcycling), as a fresh contiguous tensor; down's columns times ``scale`` (the
+    factor that makes a group's renormalised routing weights sum back to one, see ``upcycle``).
+    Scaling by a power of two is exact in every float format."""
+    width = dense.shape[NEURON_AXIS[matrix]] // granularity
+    out = dense.narrow(NEURON_AXIS[matrix], shard * width, width).contiguous()
+    if scale != 1.0:
+        out = (out.to(torch.float32) * scale).to(dense.dtype)
+    return out
+
+
+def virtual_group_router(copies: torch.Tensor, group: int) -> torch.Tensor:
+    """A router [E, d_h] whose experts come in groups of ``group`` with identical rows, from one
+    row per group: the G fine-grained experts of one copy of the dense FFN then get identical
+    logits (the "virtual group" initialisation of He et al. 2024, arXiv 2410.07524, also in
+    Megatron-Core's granular upcycling), so top-(kG) routing selects whole groups."""
+    return copies.repeat_interleave(group, dim=0)
+
+
 def btx_source_of_expert(expert: int, num_experts: int, num_sources: int) -> int:
     """Branch-Train-MiX assignment: expert e takes its FFN from source floor(e * n / E)."""
     return (expert * num_sources) // num_experts

@@ -31,7 +31,7 @@ import torch
 from dropup.convert import ratios, surgery
 from dropup.options import check_choices, check_ranges, ranged
 from dropup.convert.methods import (METHODS, Method, MethodName, intact_fraction, non_ffn_tensor,
-                                    shared_expert_matrix)
+                                    routed_group, shared_expert_matrix)
 from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
@@ -53,6 +53,7 @@ _STD = "a standard deviation; default 0.02"
 # Field metadata. "only": the one method that uses the option (another method with a value other
 # than the default is refused). "recorded": "when-set": see recorded_options.
 _GENTLER = {"only": "drop", "recorded": "when-set"}
+_WHEN_SET = {"recorded": "when-set"}
 
 
 @dataclass
@@ -79,6 +80,14 @@ class UpcycleOptions:
     sources: list[str] = field(default_factory=list)  # btx: sources besides SRC
     target: Literal["auto", *archs.TARGET_TYPES] = "auto"
     moe_layers: str | None = None  # "1,3" (or [1, 3]) or "every:N": only these become MoE (Qwen-MoE targets)
+    # Fine-grained experts: each dense FFN cut into G shards of d_f / G neurons (see _plan).
+    granularity: int = ranged(1, ge=1, integer=True, metadata=_WHEN_SET,
+                              hint="1 keeps whole-width experts; G must divide the dense d_f")
+    # How Qwen2-MoE's always-on shared expert starts (see shared_expert_matrix) and its width
+    # (0: the start's own, d_f or d_f / G).
+    shared_expert: Literal["silent", "dense", "shard"] = field(default="silent", metadata=_WHEN_SET)
+    shared_expert_size: int = ranged(0, ge=0, integer=True, metadata=_WHEN_SET,
+                                     hint="0: d_f for silent and dense, d_f / G for shard")
     aux_loss_coef: float = ranged(0.02, ge=0, hint="the load-balancing coefficient; 0 turns the loss off")
     dtype: Literal["auto", *DTYPE_NAMES] = "auto"
     max_shard_size: str = "5GB"
@@ -118,13 +127,60 @@ class UpcycleOptions:
             self.moe_layers = ",".join(map(str, self.moe_layers))
         if self.moe_layers is not None:
             parse_moe_layers(self.moe_layers)  # the syntax now; the range once SRC's depth is known
+        self._check_granularity()
         if self.verify_text is not None:
             self.verify = True
 
+    def _check_granularity(self) -> None:
+        """What --granularity and --shared-expert need of E and k (d_f and the target: _check_layout)."""
+        G = self.granularity
+        if self.shared_expert == "shard" and G < 2:
+            raise UserError("--shared-expert shard gives the shared expert one of G shards of the dense "
+                            "FFN; it needs --granularity G >= 2")
+        g = routed_group(self)
+        what = f"--granularity {G}" + (" with --shared-expert shard (G - 1 routed shards per copy)"
+                                       if self.shared_expert == "shard" else "")
+        for flag, value in (("--num-experts", self.num_experts), ("--top-k", self.top_k)):
+            if value % g:
+                raise UserError(f"{flag} {value} must be a multiple of {g} for {what}: each copy of the "
+                                f"dense FFN is {g} experts, routed together")
+        if g > 1 and self.router_init == "zeros":
+            raise UserError(f"--router-init zeros with {what} ties every virtual group, so top-k would pick "
+                            "shards of different copies by index; use uniform or normal")
 
-def check_ratio(label: str, value) -> None:
-    """One value of a --ratio spec against the ratio field's range (also for specs read back)."""
-    UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"].check(label, value)
+
+def shared_expert_width(opts: UpcycleOptions, d_f: int) -> int:
+    """--shared-expert-size, or the start's own width: d_f (silent, dense), d_f / G (shard)."""
+    if opts.shared_expert_size:
+        return opts.shared_expert_size
+    return d_f // opts.granularity if opts.shared_expert == "shard" else d_f
+
+
+def _check_layout(opts: UpcycleOptions, shape: archs.DenseShape, target: str) -> None:
+    """What --granularity and the shared-expert options need of SRC's d_f and of the target."""
+    G, d_f = opts.granularity, shape.d_f
+    if G > 1 and target not in archs.GRANULAR_TARGETS:
+        raise UserError(f"--granularity: {target}'s config.json cannot state an expert width narrower "
+                        f"than the dense FFN; use --target {' or '.join(archs.GRANULAR_TARGETS)}")
+    if d_f % G:
+        raise UserError(f"--granularity {G} must divide SRC's intermediate_size {d_f} (each expert is "
+                        f"d_f / G neurons); choose a divisor of {d_f}")
+    shared_set = opts.shared_expert != "silent" or opts.shared_expert_size
+    if shared_set and not archs.shared_expert_names(target, 0):
+        raise UserError(f"--shared-expert and --shared-expert-size: {target} has no shared expert "
+                        "(only qwen2_moe has one); leave them out")
+    if opts.shared_expert != "silent" and METHODS[opts.method].non_ffn == "init":
+        raise UserError(f"--shared-expert {opts.shared_expert} starts the shared expert from the dense FFN; "
+                        f"--method {opts.method} inherits nothing from it (use --shared-expert silent)")
+    own = d_f // G if opts.shared_expert == "shard" else d_f
+    width = opts.shared_expert_size
+    if opts.shared_expert == "silent" and width > d_f:
+        raise UserError(f"--shared-expert-size {width}: a silent shared expert takes gate and up from the "
+                        f"dense FFN's first neurons, so at most d_f = {d_f}")
+    if opts.shared_expert != "silent" and width not in (0, own):
+        raise UserError(f"--shared-expert-size {width}: --shared-expert {opts.shared_expert} is "
+                        f"{'the dense FFN' if own == d_f else 'one shard'}, {own} neurons wide; leave it "
+                        "out or use --shared-expert silent")
 
 
 def recorded_options(opts: UpcycleOptions) -> dict:
@@ -135,6 +191,11 @@ def recorded_options(opts: UpcycleOptions) -> dict:
     unset = {f.name for f in dataclasses.fields(opts)
              if f.metadata.get("recorded") == "when-set" and getattr(opts, f.name) == f.default}
     return {k: v for k, v in asdict(opts).items() if k not in ("progress", "threads", *unset)}
+
+
+def check_ratio(label: str, value) -> None:
+    """One value of a --ratio spec against the ratio field's range (also for specs read back)."""
+    UpcycleOptions.__dataclass_fields__["ratio"].metadata["range"].check(label, value)
 
 
 def _check_shard_size(size) -> None:
@@ -172,6 +233,22 @@ class Context:
         self.experts = {(layer, e): {} for layer in self.moe_layers for e in range(self.opts.num_experts)}
         self.cache = _FFNCache(self)
 
+    @property
+    def expert_width(self) -> int:
+        """Intermediate neurons per routed expert: d_f / G."""
+        return self.shape.d_f // self.opts.granularity
+
+    def expert_shape(self, matrix: str) -> tuple[int, int]:
+        return _ffn_shape(matrix, self.expert_width, self.shape.hidden)
+
+    @property
+    def shared_width(self) -> int:
+        """Intermediate neurons of Qwen2-MoE's shared expert (``shared_expert_width``)."""
+        return shared_expert_width(self.opts, self.shape.d_f)
+
+    def shared_shape(self, matrix: str) -> tuple[int, int]:
+        return _ffn_shape(matrix, self.shared_width, self.shape.hidden)
+
     def read(self, source: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of source ``source``; its checksum goes into the provenance."""
         ck = self.sources[source]
@@ -183,6 +260,11 @@ class Context:
         if not hasattr(self._local, "scratch"):
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
+
+
+def _ffn_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
+    """An FFN matrix of ``width`` intermediate neurons, in nn.Linear layout (surgery.NEURON_AXIS)."""
+    return (hidden, width) if surgery.NEURON_AXIS[matrix] == 1 else (width, hidden)
 
 
 class _FFNCache:
@@ -201,19 +283,33 @@ class _FFNCache:
     def get(self, source: int, layer: int, matrix: str) -> torch.Tensor:
         return self._once((source, layer, matrix), lambda: self._read(source, layer, matrix))
 
-    def moments(self, source: int, layer: int, matrix: str) -> surgery.NeuronMoments:
-        return self._once((source, layer, matrix, "moments"), lambda: surgery.neuron_moments(
-            self.get(source, layer, matrix), matrix))
+    def shard(self, source: int, layer: int, matrix: str, shard: int) -> torch.Tensor:
+        """Shard ``shard`` of the dense matrix as a fine-grained expert starts from it (down scaled)."""
+        return self._once((source, layer, matrix, "shard", shard), lambda: self._shard(source, layer, matrix, shard))
+
+    def moments(self, source: int, layer: int, matrix: str, shard: int | None = None) -> surgery.NeuronMoments:
+        """Per-neuron moments of the dense matrix, or of one shard (as ``shard`` returns it)."""
+        return self._once((source, layer, matrix, "moments", shard), lambda: surgery.neuron_moments(
+            self.get(source, layer, matrix) if shard is None else self.shard(source, layer, matrix, shard), matrix))
 
     def _read(self, source: int, layer: int, matrix: str) -> torch.Tensor:
         ctx = self.ctx
         tensor = ctx.read(source, ctx.shape.ffn_name(layer, matrix))
-        if ctx.method.copies(ctx.ratios[layer]):
+        if ctx.method.copies(ctx.ratios[layer]) and ctx.opts.granularity == 1:
             # Experts that are plain copies are written straight from this tensor, as many times
             # as there are experts. The experts of a layer are placed alike wherever their size
             # is a multiple of a page; where they are not, the writer copies.
             tensor = ctx.writer.stage(archs.expert_name(ctx.target, layer, 0, matrix), tensor)
         return tensor
+
+    def _shard(self, source: int, layer: int, matrix: str, shard: int) -> torch.Tensor:
+        ctx, g = self.ctx, routed_group(self.ctx.opts)
+        part = surgery.neuron_shard(self.get(source, layer, matrix), matrix, shard, ctx.opts.granularity,
+                                    scale=float(g) if matrix == "down" else 1.0)
+        if ctx.method.copies(ctx.opts.ratio):  # as _read: staged for the copies written from it
+            first = shard - (ctx.opts.shared_expert == "shard")
+            part = ctx.writer.stage(archs.expert_name(ctx.target, layer, first, matrix), part)
+        return part
 
     def _once(self, key: tuple, make: Callable):
         layer = key[1]
@@ -288,12 +384,21 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
                 name = shape.ffn_name(layer, m)
                 add(name, shape.ffn_shape(m), partial(non_ffn_tensor, ctx, name, shape.ffn_shape(m)))
             continue
+        # Fine-grained experts (--granularity G; g = G routed shards per copy, G - 1 when shard 0
+        # is the shared expert): expert e is shard (e mod g) of copy floor(e / g), and the router
+        # starts in virtual groups, one row per copy repeated g times (He et al. 2024, arXiv
+        # 2410.07524; Megatron-Core's granular upcycling). The g experts of a copy then share
+        # one logit, top-(k g) picks k whole copies, and the renormalised weight of each of
+        # their experts is p_c / g (p_c: the copy's weight among the k, summing to one); down
+        # times g turns the g shards back into the whole FFN: sum_c p_c FFN(x) = FFN(x).
+        # docs/granular.md has the derivation and the tie condition.
+        g = routed_group(o)
         router_key = surgery.derive_seed(o.seed, "router", layer)
         add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
-            lambda k=router_key: surgery.router_weight(
-                o.num_experts, shape.hidden, o.router_init, o.router_std, k).to(dt))
+            lambda k=router_key: surgery.virtual_group_router(surgery.router_weight(
+                o.num_experts // g, shape.hidden, o.router_init, o.router_std, k), g).to(dt))
         build_expert = ctx.method.builder(ctx.ratios[layer])
-        fused = archs.fused_experts(target, layer)
+        fused = archs.fused_experts(target, layer)  # GraniteMoE (never granular: GRANULAR_TARGETS)
         for name, matrices in fused.items():
             rows, cols = shape.ffn_shape(matrices[0])
             add(name, (o.num_experts, rows * len(matrices), cols),
@@ -301,16 +406,19 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         for expert in range(o.num_experts if not fused else 0):
             for m in surgery.FFN_MATRICES:
                 name = archs.expert_name(target, layer, expert, m)
-                add(name, shape.ffn_shape(m), partial(build_expert, ctx, layer, expert, m, name))
+                if m == "down" and o.shared_expert == "dense":  # the shared expert carries the function
+                    zeros(name, ctx.expert_shape(m))
+                else:
+                    add(name, ctx.expert_shape(m), partial(build_expert, ctx, layer, expert, m, name))
         shared = archs.shared_expert_names(target, layer)
         if shared:
-            # Qwen2-MoE's shared expert is always on: sigmoid(gate(x)) * down(...). A zero down
-            # projection makes its output exactly zero at step 0 (so naive upcycling stays
-            # function-preserving), while down still receives gradients from the first step on,
-            # and through it gate and up.
-            for m in ("gate", "up"):
-                add(shared[m], shape.ffn_shape(m), partial(shared_expert_matrix, ctx, layer, m))
-            zeros(shared["down"], shape.ffn_shape("down"))
+            # Qwen2-MoE's shared expert is always on: sigmoid(gate(x)) * down(...), its gate at
+            # zero so that sigmoid gives 1/2. Silent (the default): a zero down projection makes
+            # its output exactly zero at step 0 (so naive upcycling stays function-preserving),
+            # while down still receives gradients from the first step on, and through it gate
+            # and up. Dense and shard: down doubled (shared_expert_matrix).
+            for m in surgery.FFN_MATRICES:
+                add(shared[m], ctx.shared_shape(m), partial(shared_expert_matrix, ctx, layer, m))
             zeros(shared["shared_gate"], (1, shape.hidden))
     for name in last:
         if name in non_ffn:
@@ -403,6 +511,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     shape = archs.dense_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
     layer_ratios = ratios.per_layer(opts.ratio, shape.layers)
+    _check_layout(opts, shape, target)
     sources = [main]
     for s in local[1:]:
         ck = CheckpointReader(s, "btx source")
@@ -417,6 +526,10 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
     moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
                        aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
+    if target in archs.GRANULAR_TARGETS:  # the expert widths (the dense d_f unless --granularity says)
+        moe = dataclasses.replace(moe, moe_intermediate_size=shape.d_f // opts.granularity,
+                                  shared_expert_intermediate_size=shared_expert_width(opts, shape.d_f)
+                                  if archs.shared_expert_names(target, 0) else 0)
     # The installed version, read from package metadata: importing transformers costs a second.
     config = moe.to_hf(dtype=dtype_name, transformers_version=version("transformers"))
     ctx = Context(opts, method, shape, target, out_dtype, sources, layer_ratios, moe_layers=moe.moe_layers)
@@ -481,7 +594,7 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
 
 def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance: dict) -> dict:
     shape, o = ctx.shape, ctx.opts
-    routed = len(ctx.moe_layers) * o.num_experts * sum(math.prod(shape.ffn_shape(m)) for m in surgery.FFN_MATRICES)
+    routed = len(ctx.moe_layers) * o.num_experts * sum(math.prod(ctx.expert_shape(m)) for m in surgery.FFN_MATRICES)
     total, active = parameter_counts({spec.name: spec.shape for spec, _ in plan}, routed, o.num_experts, o.top_k)
     return {"model_type": ctx.target, "layers": shape.layers, "num_experts": o.num_experts, "top_k": o.top_k,
             "total_params": total, "active_params": active, "base_model": model_name(ctx.sources[0].path),

@@ -37,20 +37,25 @@ TEXT_BYTES = 4 << 20  # of --verify-text read; far more than 8 windows need
 RELATIVE_TOLERANCE = 1e-4  # of the largest dense logit (at least 1): float32 reordering, not a bug
 
 
-def _method_preserves_dense(provenance: dict) -> bool:
+def _method_preserves(provenance: dict) -> bool:
     o = provenance["options"]
-    return all(METHODS[o["method"]].preserves_dense(r) for r in ratios.recorded(provenance) or (o["ratio"],))
+    method = METHODS[o["method"]]
+    # --shared-expert dense: the shared expert is the dense FFN and the routed experts are silent,
+    # so whatever the method did to them, the MoE is the dense model (its non-FFN tensors copied).
+    if o.get("shared_expert") == "dense" and method.non_ffn == "copy":
+        return True
+    return all(method.preserves_dense(r) for r in ratios.recorded(provenance) or (o["ratio"],))
 
 
 def expects_dense_logits(provenance: dict) -> bool:
-    return provenance.get("function_preserving_target", True) and _method_preserves_dense(provenance)
+    return provenance.get("function_preserving_target", True) and _method_preserves(provenance)
 
 
 def why_not_exact(provenance: dict) -> str | None:
     """Why the MoE does not compute the dense function at step 0 (None when it does)."""
     o = provenance["options"]
     reasons = []
-    if not _method_preserves_dense(provenance):
+    if not _method_preserves(provenance):
         reasons.append(f"method {o['method']} " + METHODS[o["method"]].changes.format(ratio=ratios.text(o["ratio"])))
     if not provenance.get("function_preserving_target", True):
         reasons.append(f"target {provenance['target']} normalises queries and keys, which the "

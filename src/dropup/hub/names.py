@@ -37,6 +37,9 @@ _EXPERT_MATRIX = {  # dropup's matrix name -> the target's per-expert tensor nam
     "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
 }
+# Targets whose config.json states the routed experts' width apart from the dense d_f
+# (moe_intermediate_size; Mixtral's intermediate_size is the experts'), so --granularity applies.
+GRANULAR_TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe")
 _MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "granitemoe": "block_sparse_moe"}
 _ROUTER = {"granitemoe": "router.layer"}  # elsewhere "gate"
 # GraniteMoE: input_linear [E, 2 d_f, d_h] is gate and up stacked along dim 1 (its forward
