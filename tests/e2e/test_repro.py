@@ -116,10 +116,22 @@ def _repro(out, *extra):
     return r, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+VARIANT_SET = ("--set", "variant.reinit_stats=matrix")
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """One cpu-tiny study with a variant, shared: the end-to-end test checks it and resumes it (to
+    the same numbers, asserted), the kill test compares an interrupted study with it."""
+    out = tmp_path_factory.mktemp("repro") / "study"
+    r, cpu_seconds = _repro(out, *VARIANT_SET)
+    first = json.loads((out / "results.json").read_text()) if r.returncode == 0 else None
+    return out, r, cpu_seconds, first
+
+
 @pytest.mark.slow
-def test_cpu_tiny_end_to_end_then_resume_reruns_only_unfinished_phases(tmp_path):
-    out = tmp_path / "study"
-    r, cpu_seconds = _repro(out, "--set", "variant.reinit_stats=matrix")
+def test_cpu_tiny_end_to_end_then_resume_reruns_only_unfinished_phases(tiny_study):
+    out, r, cpu_seconds, _ = tiny_study
     assert r.returncode == 0, r.stderr[-3000:]
     assert cpu_seconds < 60, cpu_seconds
     report = (out / "report.md").read_text()
@@ -147,7 +159,7 @@ def test_cpu_tiny_end_to_end_then_resume_reruns_only_unfinished_phases(tmp_path)
     # A kill after dense-continued's training: its evaluation and the routing analysis unfinished.
     for name in ("eval-dense-continued", "routing", "train-dense-continued"):
         (out / "phases" / f"{name}.json").unlink()
-    r, _ = _repro(out, "--resume", "--set", "variant.reinit_stats=matrix")
+    r, _ = _repro(out, "--resume", *VARIANT_SET)
     assert r.returncode == 0, r.stderr[-3000:]
     second = json.loads((out / "results.json").read_text())
     assert second["phases_run_now"] == ["train-dense-continued", "eval-dense-continued", "routing"]
@@ -159,16 +171,17 @@ def test_cpu_tiny_end_to_end_then_resume_reruns_only_unfinished_phases(tmp_path)
 
 
 @pytest.mark.slow
-def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path):
+def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path, tiny_study):
     """SIGKILL inside a training phase (no chance to clean up), then --resume: the study ends with
     the numbers of an uninterrupted run, re-running only the phase that was cut and those after it."""
     import signal
 
-    ref, _ = _repro(tmp_path / "ref")
+    _, ref, _, first = tiny_study
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dropup", "repro", "--preset", "cpu-tiny", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "dropup", "repro", "--preset", "cpu-tiny", "--out", str(out),
+                             *VARIANT_SET],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the trainer's first log line of the phase: inside it, its marker unwritten
         if line.startswith("== train-noise"):
@@ -180,9 +193,9 @@ def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path):
     proc.wait(timeout=30)
     done = {p.stem for p in (out / "phases").glob("*.json")}
     assert "train-drop-1.0" in done and "train-noise" not in done
-    r, _ = _repro(out, "--resume")
+    r, _ = _repro(out, "--resume", *VARIANT_SET)
     assert r.returncode == 0, r.stderr[-3000:]
-    first, second = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ref", out))
+    second = json.loads((out / "results.json").read_text())
     assert second["phases_run_now"][0] == "train-noise" and "train-drop-1.0" not in second["phases_run_now"]
     assert second["curves"] == first["curves"]
     assert second["numbers"] == first["numbers"] and second["verdicts"] == first["verdicts"]
