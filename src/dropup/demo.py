@@ -26,7 +26,6 @@ import torch
 from dropup.errors import UserError
 from dropup.pipeline import Scale, build_data, dense_init, evaluate_models, fit_eval, routing_summary, train_run
 
-DOMAINS = ("code", "prose", "c")
 MOE_RUNS = {"naive": dict(method="naive"), "drop-0.5": dict(method="drop", ratio=0.5)}
 
 

@@ -289,8 +289,8 @@ CLAIMS = {
 # Phases.
 
 class _Study:
-    def __init__(self, out: Path, preset: Preset, seed: int):
-        self.out, self.p, self.seed = out, preset, seed
+    def __init__(self, out: Path, preset: Preset):
+        self.out, self.p = out, preset
         (out / "phases").mkdir(parents=True, exist_ok=True)
         self.ran: list[str] = []
 
@@ -413,7 +413,7 @@ def run_repro(out: str | Path, preset: str = "cpu-tiny", resume: bool = False, s
     _prepare_out(out, resume, {"preset": asdict(p), "seed": seed,
                                "seed_model": str(user_seed) if user_seed else None,
                                "data": {d: str(x) for d, x in given.items()}})
-    st = _Study(out, p, seed)
+    st = _Study(out, p)
     t_start = time.perf_counter()
 
     rec = st.phase("data", [out / "corpus", out / "tokenizer", out / "data"], lambda: {"data": {
