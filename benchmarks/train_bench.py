@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Training-speed benchmark (issue 5): dropup against Hugging Face transformers, same run.
+"""Training-speed benchmark (issues 5 and 16): dropup against torchtitan and Hugging Face
+transformers, same run.
 
     python benchmarks/train_bench.py [--shapes 8x152m,152m,8x1.5b-4l,1.5b-4l] [--steps 10]
-        [--warmup 3] [--no-hf] [--no-compile] [--full-8x1.5b] [--out DIR] [--smoke]
+        [--warmup 3] [--no-hf] [--no-peers] [--no-eager] [--no-compile] [--full-8x1.5b]
+        [--out DIR] [--smoke]
 
 For each shape it trains with the paper's recipe (bf16 autocast over fp32 master weights, fused
 AdamW (0.9, 0.95, eps 1e-8, wd 0.1), gradient clipping 1.0, load-balancing loss 0.02 for MoE) on
@@ -12,8 +14,10 @@ memory, model TFLOP/s with the issue's formula
     FLOPs/token = 6 * (L * (4 h^2 + 3 h d_f k) + h V) + 6 L S h     (k = top-k, 1 for dense)
 
 and that rate as a fraction of the bf16 matmul ceiling measured in the same run (8192^3).
-Contenders: dropup eager, dropup with per-layer torch.compile, transformers (Llama with sdpa for
-dense; Mixtral with each experts implementation it offers for MoE).
+Contenders: dropup eager, dropup with per-layer torch.compile, torchtitan (its Qwen3 model classes
+in its own compiled configuration, see peers.py; skipped with a note when it is not installed),
+transformers (Llama with sdpa for dense; Mixtral with each experts implementation it offers for
+MoE). The FLOPs of every contender come from the formula above, so the rates compare work done.
 
 Before timing, dropup's fast path (grouped GEMM, bf16 autocast, compiled) is checked against its
 reference path (one matmul per expert, fp32): relative error of the loss, the final hidden states
@@ -45,6 +49,9 @@ from dropup.hub.config import ModelConfig  # noqa: E402
 from dropup.model.decoder import build_model  # noqa: E402
 from dropup.train.losses import load_balancing_loss  # noqa: E402
 from dropup.train.optim import AdamW as LowMemAdamW  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
 SEQ = 4096
 SHAPES = {
@@ -134,7 +141,7 @@ def build_hf(cfg: dict, impl: str | None, device):
 
 
 def time_training(step_fn, model, shape, device, steps: int, warmup: int,
-                  state_dtype: torch.dtype = torch.float32) -> dict:
+                  state_dtype: torch.dtype = torch.float32, pre_step=None) -> dict:
     mb = shape[7]
     vocab = shape[6]
     seq = SEQ if device.type == "cuda" else 64
@@ -159,6 +166,8 @@ def time_training(step_fn, model, shape, device, steps: int, warmup: int,
             loss = step_fn(batch[:, :-1], batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if pre_step is not None:
+            pre_step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -270,8 +279,8 @@ def free():
 def run_contender(name, make, shape, device, steps, warmup, state_dtype=torch.float32) -> dict:
     model = step_fn = None
     try:
-        model, step_fn = make()
-        r = time_training(step_fn, model, shape, device, steps, warmup, state_dtype)
+        model, step_fn, *pre = make()
+        r = time_training(step_fn, model, shape, device, steps, warmup, state_dtype, *pre)
     except torch.OutOfMemoryError as e:
         first = str(e).splitlines()[0]
         r = {"error": "out of memory: " + first[:120]}
@@ -298,10 +307,18 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
             return model, dropup_step_fn(model, moe)
         return make
 
-    rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps, args.warmup))
+    if not args.no_eager:
+        rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps,
+                                  args.warmup))
     if not args.no_compile:
         rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
                                   args.warmup))
+    if not args.no_peers and "torchtitan" in peers.peer_versions():
+        seq = SEQ if device.type == "cuda" else 64
+        compiled = not args.no_compile
+        label = f"torchtitan {peers.peer_versions()['torchtitan']} ({'compiled' if compiled else 'eager'})"
+        rows.append(run_contender(label, lambda: peers.torchtitan_model(shape, seq, device, compiled),
+                                  shape, device, args.steps, args.warmup))
     if not args.no_hf:
         impls = ["eager", "grouped_mm", "batched_mm"] if moe else [None]
         for impl in impls:
@@ -341,50 +358,105 @@ def full_8x15b_probe(device, args) -> list[dict]:
 
 
 def profile_step(sname, shape, device, out_dir) -> None:
-    """Top kernels of two compiled dropup training steps (after warm-up), printed and saved."""
+    """Top kernels of two compiled training steps (after warm-up) of dropup and of each installed
+    peer, printed and saved: where the time goes when one is faster than the other."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.from_hf(hf_config(sname, shape)), device=device)
-    model.compile_layers()
-    step = dropup_step_fn(model, shape[0])
-    time_training(step, model, shape, device, 2, 2)
+    def dropup_make():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_hf(hf_config(sname, shape)), device=device)
+        model.compile_layers()
+        return model, dropup_step_fn(model, shape[0]), None
+
+    makers = {"dropup": dropup_make}
+    if "torchtitan" in peers.peer_versions():
+        seq = SEQ if device.type == "cuda" else 64
+        makers["torchtitan"] = lambda: peers.torchtitan_model(shape, seq, device, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        time_training(step, model, shape, device, 2, 0)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
-    print(text)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / f"profile_{sname}.txt").write_text(text)
-    del model
-    free()
+    for who, make in makers.items():
+        model, step, pre = make()
+        time_training(step, model, shape, device, 2, 2, pre_step=pre)
+        with profile(activities=acts) as prof:
+            time_training(step, model, shape, device, 2, 0, pre_step=pre)
+        text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        print(f"profile {who} {sname}\n{text}")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"profile_{who}_{sname}.txt").write_text(text)
+        model = step = pre = None
+        free()
 
 
 def versions() -> dict:
     import transformers
 
     v = {"python": platform.python_version(), "torch": torch.__version__,
-         "transformers": transformers.__version__}
+         "transformers": transformers.__version__, **peers.peer_versions()}
     if torch.cuda.is_available():
         v["device"] = torch.cuda.get_device_name()
         v["cuda"] = torch.version.cuda
     return v
 
 
-def table(rows: list[dict], ceiling: float, baselines: dict) -> str:
+PEER_PREFIXES = ("torchtitan", "olmo-core")  # the peers issue 16 measures dropup against
+
+
+def best_of(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Per shape, the highest tokens/s among the contenders whose label starts with a prefix."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r["contender"].startswith(prefixes) and "error" not in r:
+            best[r["shape"]] = max(best.get(r["shape"], 0.0), r["tokens_per_s"])
+    return best
+
+
+def table(rows: list[dict], ceiling: float) -> str:
+    hf, peer = best_of(rows, ("transformers",)), best_of(rows, PEER_PREFIXES)
     head = ["shape", "contender", "tokens/s", "step s", "peak GiB", "model TFLOP/s", "of ceiling",
-            "vs best transformers"]
+            "vs best transformers", "vs best peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['contender']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['contender']} | {r['error']} |" + " |" * (len(head) - 3))
             continue
-        best = baselines.get(r["shape"])
-        vs = f"{r['tokens_per_s'] / best:.2f}x" if best else "-"
+
+        def vs(best):
+            b = best.get(r["shape"])
+            return f"{r['tokens_per_s'] / b:.2f}x" if b else "-"
         lines.append(f"| {r['shape']} | {r['contender']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
-                     f"{r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['tflops'] / ceiling:.1%} | {vs} |")
+                     f"{r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['tflops'] / ceiling:.1%} | {vs(hf)} | "
+                     f"{vs(peer)} |")
     return "\n".join(lines)
+
+
+# Issue 16's targets, per MoE shape: (its dense twin, the share of the ceiling to reach).
+TARGETS = {"8x152m": ("152m", 0.45), "8x1.5b-4l": ("1.5b-4l", 0.62)}
+
+
+def targets(rows: list[dict], ceiling: float) -> list[str]:
+    """One line per issue-16 target that this run measured: the value, the target, met or not."""
+    ours = {r["shape"]: r for r in rows if r["contender"] == "dropup (compiled)" and "error" not in r}
+    peer = best_of(rows, PEER_PREFIXES)
+    out = []
+
+    def line(what, value, goal, fmt):
+        out.append(f"- {what}: {fmt.format(value)} (target >= {fmt.format(goal)}): "
+                   f"{'met' if value >= goal else 'MISSED'}")
+    for moe, (dense, share) in TARGETS.items():
+        if moe not in ours:
+            continue
+        r = ours[moe]
+        if moe in peer:
+            line(f"{moe} dropup / best peer tokens/s", r["tokens_per_s"] / peer[moe], 1.15, "{:.2f}x")
+        line(f"{moe} share of the bf16 ceiling", r["tflops"] / ceiling, share, "{:.1%}")
+        if dense in ours:
+            line(f"{moe} MoE / dense model TFLOP/s (dropup)", r["tflops"] / ours[dense]["tflops"], 0.95,
+                 "{:.2f}x")
+    full = [r for r in rows if r["shape"].startswith("8x1.5b (24") and "error" not in r]
+    if full:
+        best = max(full, key=lambda r: r["tflops"])
+        line(f"full 24-layer 8x1.5B model TFLOP/s ({best['contender']})", best["tflops"], 420, "{:.0f}")
+    return out
 
 
 def main() -> int:
@@ -393,7 +465,9 @@ def main() -> int:
                     "'none' to run only --full-8x1.5b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-peers", action="store_true", help="skip torchtitan")
+    ap.add_argument("--no-eager", action="store_true", help="skip dropup eager")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--full-8x1.5b", action="store_true", dest="full")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (tests the script)")
@@ -421,10 +495,6 @@ def main() -> int:
         profile_step(names[0], shapes[names[0]], device, args.out)
     if args.full and not args.smoke:
         rows.extend(full_8x15b_probe(device, args))
-    baselines = {}
-    for r in rows:
-        if r["contender"].startswith("transformers") and "error" not in r:
-            baselines[r["shape"]] = max(baselines.get(r["shape"], 0), r["tokens_per_s"])
     text = [f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: train_bench",
             "", f"- command: `{shlex.join(['python', *sys.argv])}`",
             f"- versions: {json.dumps(versions())}",
@@ -432,7 +502,7 @@ def main() -> int:
             f"- sequence {SEQ if device.type == 'cuda' else 64}; steps timed {args.steps} after {args.warmup} warm-up; median",
             "- fast-path checks (grouped+compiled vs per-expert eager reference, both bf16 autocast; relative error, limit 1e-2; bf16_vs_fp32 for information): "
             + "; ".join(f"{k}: {json.dumps(v)}" for k, v in checks.items()), "",
-            table(rows, ceiling, baselines), ""]
+            table(rows, ceiling), "", "Issue 16 targets measured in this run:", *targets(rows, ceiling), ""]
     out = "\n".join(text)
     print(out)
     Path(args.out).mkdir(parents=True, exist_ok=True)
