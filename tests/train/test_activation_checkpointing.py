@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from test_train import _config, _metrics, _write_yaml, datasets  # noqa: F401 (a fixture)
+from test_train import ENV, _config, _metrics, _write_yaml, datasets  # noqa: F401 (a fixture)
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -192,36 +194,64 @@ def test_set_activation_checkpointing_refuses_bad_values():
         model.set_activation_checkpointing("full", 0)
 
 
-def test_train_and_resume_with_checkpointing_match_the_plain_run(tmp_path, datasets):
+_SHORT = {"steps": 4, "save_interval": 2, "eval_interval": 2, "optim.warmup_steps": 1}
+_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss", "router_load", "router_entropy")
+
+
+def _yaml(tmp, datasets, name: str):
+    return _write_yaml(tmp / f"{name}.yaml", _config(tmp, datasets, out_dir=str(tmp / name), **_SHORT))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, datasets):
+    """4 steps of moe-tiny on the CPU in fp32 without checkpointing, through the CLI."""
+    tmp = tmp_path_factory.mktemp("plain")
+    assert cli_main(["train", "--config", str(_yaml(tmp, datasets, "plain"))]) == 0
+    return tmp / "plain"
+
+
+def test_train_and_resume_with_checkpointing_match_the_plain_run(tmp_path, datasets, plain_run):
     """`dropup train` with the keys set: the same losses, gradient norms and routing as without
     them (fp32 on the CPU: bit for bit), and a resume may switch the mode (recorded)."""
-    short = {"steps": 4, "save_interval": 2, "eval_interval": 2, "optim.warmup_steps": 1}
-
-    def cli(name: str, *extra: str) -> int:
-        cfg = _config(tmp_path, datasets, out_dir=str(tmp_path / name), **short)
-        return cli_main(["train", "--config", str(_write_yaml(tmp_path / f"{name}.yaml", cfg)), *extra])
-
-    assert cli("plain") == 0
-    assert cli("ckpt", "--set", "activation_checkpointing=full", "--set", "activation_checkpointing_every=2") == 0
+    config = _yaml(tmp_path, datasets, "ckpt")
     run = tmp_path / "ckpt"
+    assert cli_main(["train", "--config", str(config), "--set", "activation_checkpointing=full",
+                     "--set", "activation_checkpointing_every=2"]) == 0
     assert json.loads((run / "ckpt" / "step_4" / "trainer.json").read_text())["config"][
         "activation_checkpointing"] == "full"
-    keys = ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss", "router_load", "router_entropy")
 
     def same_as_plain() -> None:
-        plain, got = _metrics(tmp_path / "plain"), _metrics(run)
+        plain, got = _metrics(plain_run), _metrics(run)
         assert [r["step"] for r in got] == [r["step"] for r in plain] == [1, 2, 3, 4]
         for a, b in zip(plain, got):
-            for key in keys:
+            for key in _KEYS:
                 assert a.get(key) == b.get(key), (a["step"], key)
 
     same_as_plain()
     shutil.rmtree(run / "ckpt" / "step_4")
-    assert cli("ckpt", "--resume", "--set", "activation_checkpointing=selective") == 0
+    assert cli_main(["train", "--config", str(config), "--resume", "--set", "activation_checkpointing=selective"]) == 0
     same_as_plain()
     changes = _metrics(run)[2]["config_changes"]
     assert changes == {"activation_checkpointing": ["full", "selective"],
                        "activation_checkpointing_every": [2, 1]}
+
+
+@pytest.mark.slow  # two torchrun processes start (about 15 s on 2 cores); FSDP2 is where recomputation needs the all-gathered weights
+def test_two_processes_with_fsdp2_match_the_plain_run(tmp_path, datasets, plain_run):
+    """Selective checkpointing inside FSDP2's per-layer units (2 processes over gloo): the
+    recomputation in the backward runs on the re-gathered weights, and the run matches the plain
+    one-process run as the plain 2-process run does (to float32 reduction order)."""
+    config = _yaml(tmp_path, datasets, "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dropup", "train", "--config", str(config), "--set", "activation_checkpointing=selective"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "activation checkpointing (selective) on 2 of 2 decoder layers" in out.stdout
+    plain, got = _metrics(plain_run), _metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in got] == [r["step"] for r in plain]
+    for a, b in zip(plain, got):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
 
 
 @pytest.mark.parametrize("sets, message", [
