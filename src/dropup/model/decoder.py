@@ -394,7 +394,10 @@ class DecoderLayer(nn.Module):
             extra = {}
             if self.checkpointing == "selective":
                 extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-            x, logits = checkpoint(self._block, x, cos, sin, mask, use_reentrant=False, **extra)
+            # preserve_rng_state off: the layer draws no random numbers, so stashing and restoring
+            # every device's RNG state per layer would be work for nothing.
+            x, logits = checkpoint(self._block, x, cos, sin, mask, use_reentrant=False, preserve_rng_state=False,
+                                   **extra)
         if logits is not None:
             # Stored here, outside the checkpointed block: its recomputation in the backward runs
             # _block alone, so nothing is recorded twice and no recomputed tensor (with the graph
