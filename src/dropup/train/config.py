@@ -33,7 +33,7 @@ from dropup.options import Range, literal_args, ranged
 from dropup.train.losses import BALANCE_MODES
 
 # The choice lists: a field typed with one of these accepts only its values (checked in _coerce).
-# The model and the losses own the first two; the config reads them from there.
+# The model and the losses own the first three; the config reads them from there.
 MoeImpl = Literal[*MOE_IMPLS]
 ActivationCheckpointing = Literal[*ACTIVATION_CHECKPOINTING]
 BalanceMode = Literal[*BALANCE_MODES]
