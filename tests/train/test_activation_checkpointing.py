@@ -35,9 +35,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 MODES = [("full", 1), ("full", 2), ("selective", 1), ("selective", 2)]
 
 
+# Beside the plain dense and MoE shapes: attention under an explicit mask (a sliding window shorter
+# than the sequence), and an MoE with an always-active shared expert.
+_VARIANTS = {"dense": ("dense-tiny", {}), "moe": ("moe-tiny", {}),
+             "sliding": ("dense-tiny", {"model_type": "mistral", "sliding_window": 8}),
+             "shared": ("moe-tiny", {"model_type": "qwen2_moe", "num_experts": 8, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 16})}
+
+
 def _model(kind: str, layers: int = 3, dtype: torch.dtype = torch.float32, impl: str = "loop", hidden: int = 32):
-    cfg = ModelConfig.from_hf({**PRESETS[f"{kind}-tiny"], "vocab_size": 48, "hidden_size": hidden,
-                               "intermediate_size": 2 * hidden, "num_hidden_layers": layers})
+    preset, over = _VARIANTS[kind]
+    cfg = ModelConfig.from_hf({**PRESETS[preset], "vocab_size": 48, "hidden_size": hidden,
+                               "intermediate_size": 2 * hidden, "num_hidden_layers": layers, **over})
     torch.manual_seed(0)
     model = build_model(cfg, dtype=dtype)
     model.set_moe_impl(impl)
@@ -84,11 +93,12 @@ def _attention_calls(model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("kind, autocast", [("dense", False), ("moe", False), ("moe", True)],
-                         ids=["dense", "moe", "moe-bf16-autocast"])
+@pytest.mark.parametrize("kind, autocast", [("dense", False), ("moe", False), ("moe", True), ("sliding", False),
+                                            ("shared", False)],
+                         ids=["dense", "moe", "moe-bf16-autocast", "sliding-window", "shared-expert"])
 def test_loss_routing_and_gradients_equal_the_plain_layers(kind, autocast):
     reference = _step(_model(kind), autocast)
-    if kind == "moe":
+    if kind in ("moe", "shared"):
         assert reference["stats"] is not None and len(reference["logits"]) == 3
     for mode, every in MODES:
         model = _model(kind)
