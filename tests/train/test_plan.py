@@ -24,7 +24,8 @@ def test_cpu_run_from_steps():
     plan = plan_run(_cfg("steps=40", "batch.global_batch=8", "batch.micro_batch=2", "data.seq_len=32",
                          "optim.lr=3e-3"), _model(), world=1, device_type="cpu")
     assert plan == RunPlan(seq_len=32, global_batch=8, micro_batch=2, world=1, accum=4, total_steps=40,
-                           bf16=False, compile=False, lr_max=3e-3, lr_min=3e-3 / 10, aux_coef=0.02)
+                           bf16=False, compile=False, activation_checkpointing="none", checkpoint_every=1,
+                           lr_max=3e-3, lr_min=3e-3 / 10, aux_coef=0.02)
     assert plan.tokens_per_step == 8 * 32
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.accum = 2

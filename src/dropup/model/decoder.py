@@ -19,11 +19,13 @@ one grouped GEMM serves all experts; only the checkpoint I/O knows the per-exper
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dropup.hub.config import ModelConfig
 from dropup.model.lm_loss import lm_head_cross_entropy
@@ -263,21 +265,24 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
         """The layer's output. Its router logits [N, E] are kept in ``self.router_logits`` until
-        the model collects them (``take_router_logits``) for the losses and statistics."""
+        the model collects them (``take_router_logits``) for the losses and statistics; with
+        ``return_logits`` they are returned beside the output instead, and nothing is stored."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
+        out = self.run_experts(x, weights, ids)
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(x).float())
+            out = (out.float() + gate * self.shared_expert(x).float()).to(x.dtype)
+        if return_logits:
+            return out.reshape(shape), logits
         # An attribute rather than a second return value or an argument to append to: a list or
         # recorder argument is rebuilt by FSDP2's input casting and guarded on by torch.compile
         # (its length differs per layer, so every layer would compile its own graph), while an
         # attribute store is a side effect the one shared graph replays.
         self.router_logits = logits
-        out = self.run_experts(x, weights, ids)
-        if self.shared_expert is not None:
-            gate = torch.sigmoid(self.shared_expert_gate(x).float())
-            out = (out.float() + gate * self.shared_expert(x).float()).to(x.dtype)
         return out.reshape(shape)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -343,6 +348,29 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
+# Activation checkpointing of a decoder layer: "none" keeps every activation for the backward;
+# "full" keeps only the layer's input and recomputes the whole layer in the backward; "selective"
+# keeps the outputs of the matmuls and attention and recomputes the rest (see _selective_policy).
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+# Selective activation checkpointing (Korthikanti et al. 2022, "Reducing Activation Recomputation
+# in Large Transformer Models"; PyTorch's op-level SAC): the ops whose outputs are kept. They are
+# the layer's FLOPs, so recomputing everything else costs little time, and what is recomputed --
+# norms, RoPE, SwiGLU, the routing arithmetic, dtype casts -- holds many fp32 intermediates.
+# getattr: an op this torch build lacks cannot occur either.
+_SAVED_OPS = frozenset(op for op in (getattr(torch.ops.aten, name, None) for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_grouped_mm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable")) if op is not None)
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # MUST_SAVE: torch.compile's partitioner may not trade a saved matmul for a recomputation.
+    saved = getattr(op, "overloadpacket", None) in _SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
@@ -353,10 +381,36 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(i)
         self.mlp = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
         self.residual_multiplier = cfg.residual_multiplier  # Granite scales each branch
+        self.checkpointing = "none"  # one of ACTIVATION_CHECKPOINTING; CausalLM.set_activation_checkpointing
 
     def forward(self, x, cos, sin, mask):
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            x, logits = self._block(x, cos, sin, mask)
+        else:
+            # Inside the layer's forward, so inside its compiled region (compile_layers) and inside
+            # FSDP2's per-layer all-gather; non-reentrant, the kind both of them support.
+            # The policy's partial is built here: torch.compile takes a context_fn only as a
+            # partial it sees being made (or a plain function), not as a global object.
+            extra = {}
+            if self.checkpointing == "selective":
+                extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+            # preserve_rng_state off: the layer draws no random numbers, so stashing and restoring
+            # every device's RNG state per layer would be work for nothing.
+            x, logits = checkpoint(self._block, x, cos, sin, mask, use_reentrant=False, preserve_rng_state=False,
+                                   **extra)
+        if logits is not None:
+            # Stored here, outside the checkpointed block: its recomputation in the backward runs
+            # _block alone, so nothing is recorded twice and no recomputed tensor (with the graph
+            # behind it) stays referenced after the backward.
+            self.mlp.router_logits = logits
+        return x
+
+    def _block(self, x, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output and, for an MoE layer, its router logits; no side effects."""
         x = self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
-        return self._residual(x, self.mlp(self.post_attention_layernorm(x)))
+        h = self.post_attention_layernorm(x)
+        out, logits = self.mlp(h, return_logits=True) if self.is_moe else (self.mlp(h), None)
+        return self._residual(x, out), logits
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return x + branch if self.residual_multiplier == 1.0 else x + branch * self.residual_multiplier
@@ -433,6 +487,20 @@ class CausalLM(nn.Module):
         stay outside the graphs. Fuses the norms, RoPE, SwiGLU and the routing arithmetic."""
         for layer in self.model.layers:
             layer.compile(**kwargs)
+
+    def set_activation_checkpointing(self, mode: str, every: int = 1) -> None:
+        """Activation checkpointing (one of ACTIVATION_CHECKPOINTING) on every ``every``-th decoder
+        layer, counting from layer 0 (layers 0, every, 2 * every, ...); the others keep their
+        activations. Memory for recomputation: "full" recomputes a checkpointed layer's forward
+        in its backward (about a third more compute for that layer), "selective" only its
+        elementwise and norm ops. Gradients are unchanged. Call it before ``compile_layers``
+        or between steps; "none" is the plain layer."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"activation checkpointing every must be an integer >= 1, got {every!r}")
+        for i, layer in enumerate(self.model.layers):
+            layer.checkpointing = mode if i % every == 0 else "none"
 
     def set_moe_impl(self, impl: str) -> None:
         """Choose how MoE layers run their experts: one of MOE_IMPLS."""

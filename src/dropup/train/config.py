@@ -27,14 +27,15 @@ import yaml
 
 from dropup.errors import UserError
 from dropup.hub.gguf import is_gguf
-from dropup.model.decoder import MOE_IMPLS
+from dropup.model.decoder import ACTIVATION_CHECKPOINTING, MOE_IMPLS
 from dropup.model.presets import PRESETS
 from dropup.options import Range, literal_args, ranged
 from dropup.train.losses import BALANCE_MODES
 
 # The choice lists: a field typed with one of these accepts only its values (checked in _coerce).
-# The model and the losses own the first two; the config reads them from there.
+# The model and the losses own the first three; the config reads them from there.
 MoeImpl = Literal[*MOE_IMPLS]
+ActivationCheckpointing = Literal[*ACTIVATION_CHECKPOINTING]
 BalanceMode = Literal[*BALANCE_MODES]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPU, fp32 on CPU
 Device = Literal["auto", "cpu", "cuda"]
@@ -147,6 +148,11 @@ class TrainConfig:
     precision: Precision = "auto"
     device: Device = "auto"
     compile: bool | None = None  # per-layer torch.compile; None: on CUDA only
+    # Activations recomputed in the backward instead of kept, on decoder layers 0, N, 2N, ...
+    # for N = activation_checkpointing_every (see CausalLM.set_activation_checkpointing). Free
+    # on resume: the gradients are the same.
+    activation_checkpointing: ActivationCheckpointing = "none"
+    activation_checkpointing_every: int = setting(1, ge=1)
     log_interval: int = setting(10, ge=1)
     eval_interval: int = setting(500, ge=0)  # 0 = only at the end
     save_interval: int = setting(1000, ge=0)  # 0 = only at the end

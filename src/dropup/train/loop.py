@@ -388,6 +388,11 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> R
     mixture = Mixture(sources, plan.seq_len, cfg.seed)
     val_sets = open_validation(cfg, plan.seq_len, plan.micro_batch)
 
+    if plan.activation_checkpointing != "none":
+        model.set_activation_checkpointing(plan.activation_checkpointing, plan.checkpoint_every)
+        layers = sum(layer.checkpointing != "none" for layer in model.model.layers)
+        phase(d, f"activation checkpointing ({plan.activation_checkpointing}) on {layers} of "
+                 f"{mcfg.num_hidden_layers} decoder layers", t0)
     if plan.compile:
         model.compile_layers()  # before sharding, so FSDP2's per-layer hooks stay outside the graphs
         phase(d, "torch.compile per decoder layer: the first steps compile, then run fast", t0)

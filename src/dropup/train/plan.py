@@ -20,6 +20,8 @@ class RunPlan:
     total_steps: int  # optimizer steps of the whole run
     bf16: bool  # bf16 autocast (weights and optimizer states stay as they are)
     compile: bool  # per-layer torch.compile
+    activation_checkpointing: str  # "none", "full" or "selective" (ACTIVATION_CHECKPOINTING)
+    checkpoint_every: int  # ... on every checkpoint_every-th decoder layer from layer 0
     lr_max: float  # peak LR, reached at the end of the warm-up
     lr_min: float  # LR at the last step
     aux_coef: float  # weight of the load-balancing loss
@@ -56,6 +58,8 @@ def plan_run(cfg: TrainConfig, model: ModelConfig, world: int, device_type: str)
         bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
         # compile: None means "where it pays": on CUDA, not on CPU.
         compile=cfg.compile if cfg.compile is not None else on_gpu,
+        activation_checkpointing=cfg.activation_checkpointing,
+        checkpoint_every=cfg.activation_checkpointing_every,
         lr_max=lr_max,
         lr_min=lr_min,
         aux_coef=cfg.loss.aux_loss_coef if cfg.loss.aux_loss_coef is not None else model.router_aux_loss_coef,
