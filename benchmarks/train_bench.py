@@ -141,7 +141,7 @@ def build_hf(cfg: dict, impl: str | None, device):
 
 
 def time_training(step_fn, model, shape, device, steps: int, warmup: int,
-                  state_dtype: torch.dtype = torch.float32, pre_step=None) -> dict:
+                  state_dtype: torch.dtype = torch.float32, pre_step=None, fused: bool | None = None) -> dict:
     mb = shape[7]
     vocab = shape[6]
     seq = SEQ if device.type == "cuda" else 64
@@ -152,7 +152,7 @@ def time_training(step_fn, model, shape, device, steps: int, warmup: int,
     if state_dtype == torch.float32:
         opt = torch.optim.AdamW(groups, lr=2e-4, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     else:  # moments stored in bf16 (dropup.optim): 12 instead of 16 bytes per parameter
-        opt = LowMemAdamW(groups, lr=2e-4, betas=(0.9, 0.95), eps=1e-8, state_dtype=state_dtype)
+        opt = LowMemAdamW(groups, lr=2e-4, betas=(0.9, 0.95), eps=1e-8, state_dtype=state_dtype, fused=fused)
     gen = torch.Generator(device=device).manual_seed(0)
     data = torch.randint(0, vocab, (4, mb, seq + 1), device=device, generator=gen)
     if device.type == "cuda":
@@ -276,11 +276,11 @@ def free():
         torch.cuda.empty_cache()
 
 
-def run_contender(name, make, shape, device, steps, warmup, state_dtype=torch.float32) -> dict:
+def run_contender(name, make, shape, device, steps, warmup, state_dtype=torch.float32, fused=None) -> dict:
     model = step_fn = None
     try:
         model, step_fn, *pre = make()
-        r = time_training(step_fn, model, shape, device, steps, warmup, state_dtype, *pre)
+        r = time_training(step_fn, model, shape, device, steps, warmup, state_dtype, *pre, fused=fused)
     except torch.OutOfMemoryError as e:
         first = str(e).splitlines()[0]
         r = {"error": "out of memory: " + first[:120]}
@@ -331,29 +331,48 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
     return rows
 
 
+# (AdamW moment dtype, activation checkpointing, micro-batch, compiled one-kernel AdamW update),
+# in order; a setting that runs out of memory ends its group (same dtype and checkpointing).
+FULL_PROBE = [
+    (torch.bfloat16, "none", 4, False),  # the eager optimizer, for the fused update's gain
+    (torch.bfloat16, "none", 4, True),
+    (torch.bfloat16, "selective", 8, True),
+    (torch.bfloat16, "full", 8, True),
+    (torch.bfloat16, "full", 16, True),
+    (torch.float32, "full", 1, True),
+    (torch.float32, "full", 2, True),
+]
+
+
 def full_8x15b_probe(device, args) -> list[dict]:
-    """Does the full 24-layer 8x1.5B (paper shape) train on one GPU, and at which micro-batch?
-    With fp32 AdamW moments (143 GB of weights, gradients and moments) and with bf16 moments."""
+    """Does the full 24-layer 8x1.5B (paper shape) train on one GPU, at which micro-batch and
+    speed? With fp32 AdamW moments (143 GB of weights, gradients and moments) and with bf16
+    moments (107 GB), without and with activation checkpointing."""
     shape = (True, 24, 2048, 7168, 16, 8, 48640, 1)
-    out = []
-    for state_dtype in (torch.float32, torch.bfloat16):
-        for mb in (1, 2, 4, 8):
-            s = shape[:7] + (mb,)
-            cfg_hf = hf_config("8x1.5b", s)
+    out, failed = [], set()
+    for state_dtype, ac, mb, fused in FULL_PROBE:
+        group = (state_dtype, ac)
+        if group in failed:
+            continue
+        s = shape[:7] + (mb,)
+        cfg_hf = hf_config("8x1.5b", s)
 
-            def make():
-                torch.manual_seed(0)
-                model = build_model(ModelConfig.from_hf(cfg_hf), device=device)
-                model.compile_layers()
-                return model, dropup_step_fn(model, True)
+        def make():
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.from_hf(cfg_hf), device=device)
+            model.set_activation_checkpointing(ac)
+            model.compile_layers()
+            return model, dropup_step_fn(model, True)
 
-            label = f"dropup (compiled), {str(state_dtype).removeprefix('torch.')} AdamW moments, micro-batch {mb}"
-            r = run_contender(label, make, s, device, 3, 2, state_dtype)
-            r["shape"] = "8x1.5b (24 layers)"
-            out.append(r)
-            print(json.dumps(r), flush=True)
-            if "error" in r:
-                break
+        moments = str(state_dtype).removeprefix("torch.")
+        label = (f"dropup (compiled), {moments} AdamW moments{'' if fused else ' (eager update)'}, "
+                 f"checkpointing {ac}, micro-batch {mb}")
+        r = run_contender(label, make, s, device, 3, 2, state_dtype, fused=fused)
+        r["shape"] = "8x1.5b (24 layers)"
+        out.append(r)
+        print(json.dumps(r), flush=True)
+        if "error" in r:
+            failed.add(group)
     return out
 
 
