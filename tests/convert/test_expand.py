@@ -165,7 +165,6 @@ def test_expansion_does_not_depend_on_threads_or_shards(moe_sources, tmp_path):
     _run(src, tmp_path / "a", **kw, threads=1)
     _run(src, tmp_path / "b", **kw, threads=4, max_shard_size="40KB")
     assert len(json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _run(src, tmp_path / "c", **kw, threads=2)

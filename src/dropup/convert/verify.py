@@ -238,6 +238,7 @@ def verify(src: Path, out: Path, provenance: dict | None = None, tokens: tuple[t
         "windows": list(tokens.shape), "max_abs_logit_diff": diff,
         "dense_loss": round(dense_loss, 5), "moe_loss": round(moe_loss, 5),
         "loss_change": round(moe_loss - dense_loss, 5), "exact": reason is None,
+        **({"reference": "the MoE SRC's"} if "expansion" in provenance else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if reason is None:
@@ -257,5 +258,5 @@ def summary(report: dict) -> str:
             f"max logit difference {report['max_abs_logit_diff']:.3g}, loss {report['dense_loss']:.4f} -> "
             f"{report['moe_loss']:.4f} nats ({report['loss_change']:+.4f})")
     if report["exact"]:
-        return head + "; exact (the MoE computes the dense function)"
+        return head + f"; exact (the MoE computes {report.get('reference', 'the dense')} function)"
     return head + f"; not exact: {report['not_exact_because']}"
