@@ -212,6 +212,8 @@ def test_router_bias_file_is_expanded_and_keeps_the_biased_routing(moe_sources, 
     write_router_bias_file(src, biases)
     prov = _run(src, tmp_path / "big", method="naive", num_experts=8)
     assert prov["expansion"]["router_bias"] == ROUTER_BIAS_FILE
+    card = (tmp_path / "big" / "README.md").read_text()
+    assert "Expanded from the 4-expert MoE checkpoint `src`" in card and ROUTER_BIAS_FILE in card
     new = load_tensors(tmp_path / "big" / "dropup")
     for name, b in biases.items():
         assert torch.equal(new[name], (b / 2).repeat_interleave(2))
