@@ -1,4 +1,5 @@
-"""Tensor names per architecture: what a dense source holds and what an MoE target calls its parts.
+"""Tensor names per architecture: what a dense source holds and what an MoE target calls its parts
+(an MoE source, whose experts are expanded, holds the target's own: ``MoEShape``).
 
 The non-FFN tensors (embeddings, attention, norms, LM head) have the same names in every
 Llama-family dense model and in Mixtral / Qwen2-MoE / Qwen3-MoE / GraniteMoE, so they are copied
