@@ -255,3 +255,14 @@ def test_an_moe_type_without_moe_layers_is_refused(moe_sources, tmp_path, capsys
     cli_fails(capsys, ["upcycle", str(src), str(tmp_path / "out"), "--num-experts", "8", "--quiet"],
               "makes no layer MoE", "no experts to expand")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_router_bias_file_of_the_wrong_shape_is_refused_before_any_work(moe_sources, tmp_path, capsys):
+    from dropup.hub.safetensors import write_router_bias_file
+
+    src = tmp_path / "src"
+    shutil.copytree(moe_sources["mixtral"], src)
+    write_router_bias_file(src, {archs.router_bias_name("mixtral", layer): torch.zeros(E + 1) for layer in (0, 1)})
+    cli_fails(capsys, ["upcycle", str(src), str(tmp_path / "out"), "--num-experts", "8", "--quiet"],
+              "router_bias.safetensors does not match", "float32 [4]")
+    assert not (tmp_path / "out").exists()

@@ -41,9 +41,9 @@ from dropup.hub.gguf import dense_source
 from dropup.hub.gguf import origin as gguf_origin
 from dropup.hub.safetensors import (
     DTYPE_NAMES,
+    ROUTER_BIAS_FILE,
     CheckpointReader,
     ShardedWriter,
-    ROUTER_BIAS_FILE,
     TensorSpec,
     check_free_space,
     parse_size,
@@ -630,6 +630,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
         verify_tokens = windows(shape.config.vocab_size, main.path, opts.verify_text, opts.seed)
     plan = _plan(ctx)
     total = sum(spec.nbytes for spec, _ in plan)
+    router_bias = _expanded_router_bias(ctx) if ctx.factor else None
     with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
                     advice="pass --overwrite to replace it or choose another path",
                     protect=[("SRC", src), *(("btx source", s) for s in opts.sources)],
@@ -640,7 +641,9 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
             _run_plan(plan, writer, opts)
         (tmp / "config.json").write_text(config_json(config))
         side = main.copy_side_files(tmp)
-        bias_file = _expand_router_bias(ctx, tmp) if ctx.factor else None
+        bias_file = ROUTER_BIAS_FILE if router_bias is not None else None
+        if router_bias is not None:
+            write_router_bias_file(tmp, router_bias)
         for (layer, expert), entry in ctx.experts.items():
             entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
         provenance = _provenance(ctx, side, total, time.perf_counter() - t0, bias_file)
@@ -684,20 +687,18 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
     return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in differ)
 
 
-def _expand_router_bias(ctx: Context, out: Path) -> str | None:
+def _expanded_router_bias(ctx: Context) -> dict[str, torch.Tensor] | None:
     """SRC's router-bias file (aux-loss-free balancing), if it has one, expanded like its routers
-    into ``out``; returns the file's name there. A child's bias is its parent's divided by m: the
-    bias is added to the router probabilities, and each child's probability is its parent's / m,
-    so the biased scores keep their order and the biased top-(k m) choice is the children of
-    SRC's biased top-k (docs/expand.md)."""
-    src = ctx.shape.model_type
-    names = [archs.router_bias_name(src, layer) for layer in ctx.moe_layers]
+    (read before any work, so a damaged file costs none). A child's bias is its parent's divided
+    by m: the bias is added to the router probabilities, and each child's probability is its
+    parent's / m, so the biased scores keep their order and the biased top-(k m) choice is the
+    children of SRC's biased top-k (docs/expand.md)."""
+    names = [archs.router_bias_name(ctx.shape.model_type, layer) for layer in ctx.moe_layers]
     found = read_router_bias_file(ctx.sources[0].path, names, ctx.shape.experts)
     if found is None:
         return None
-    write_router_bias_file(out, {archs.router_bias_name(ctx.target, layer): surgery.child_selection_bias(
-        found[name], ctx.factor) for layer, name in zip(ctx.moe_layers, names)})
-    return ROUTER_BIAS_FILE
+    return {archs.router_bias_name(ctx.target, layer): surgery.child_selection_bias(found[name], ctx.factor)
+            for layer, name in zip(ctx.moe_layers, names)}
 
 
 def _expansion_record(ctx: Context, bias_file: str | None) -> dict:
