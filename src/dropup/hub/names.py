@@ -169,7 +169,12 @@ class MoEShape(DenseShape):
 
 def source_shape(cfg: dict, where: str = "SRC") -> DenseShape:
     """A source's shape: a ``DenseShape``, or a ``MoEShape`` for an MoE to expand."""
-    if cfg.get("model_type") not in EXPANDABLE_TYPES:
+    mt = cfg.get("model_type")
+    if mt not in EXPANDABLE_TYPES:
+        if mt not in SOURCE_TYPES:
+            raise UserError(f"{where}: model_type {mt!r} is not supported; supported inputs are the dense "
+                            f"{', '.join(SOURCE_TYPES)} and, to expand their experts, the MoE "
+                            f"{', '.join(EXPANDABLE_TYPES)}")
         return dense_shape(cfg, where)
     moe = MoEShape.of(ModelConfig.from_hf(cfg, where))
     if not moe.moe_layers:
