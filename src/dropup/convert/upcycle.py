@@ -290,7 +290,7 @@ class Context:
         return self.shape.expert_d_f if self.factor else self.shape.d_f // self.opts.granularity
 
     def expert_shape(self, matrix: str) -> tuple[int, int]:
-        return _ffn_shape(matrix, self.expert_width, self.shape.hidden)
+        return archs.ffn_matrix_shape(matrix, self.expert_width, self.shape.hidden)
 
     @property
     def shared_width(self) -> int:
@@ -298,7 +298,7 @@ class Context:
         return shared_expert_width(self.opts, self.shape.d_f)
 
     def shared_shape(self, matrix: str) -> tuple[int, int]:
-        return _ffn_shape(matrix, self.shared_width, self.shape.hidden)
+        return archs.ffn_matrix_shape(matrix, self.shared_width, self.shape.hidden)
 
     def read(self, source: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of source ``source``; its checksum goes into the provenance."""
@@ -311,11 +311,6 @@ class Context:
         if not hasattr(self._local, "scratch"):
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
-
-
-def _ffn_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
-    """An FFN matrix of ``width`` intermediate neurons, in nn.Linear layout (surgery.NEURON_AXIS)."""
-    return (hidden, width) if surgery.NEURON_AXIS[matrix] == 1 else (width, hidden)
 
 
 class _FFNCache:

@@ -114,7 +114,12 @@ class DenseShape:
         return out
 
     def ffn_shape(self, matrix: str) -> tuple[int, int]:
-        return (self.hidden, self.d_f) if matrix == "down" else (self.d_f, self.hidden)
+        return ffn_matrix_shape(matrix, self.d_f, self.hidden)
+
+
+def ffn_matrix_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
+    """An FFN matrix of ``width`` intermediate neurons as stored (nn.Linear: down is [hidden, width])."""
+    return (hidden, width) if matrix == "down" else (width, hidden)
 
 
 @dataclass(frozen=True)
@@ -139,13 +144,12 @@ class MoEShape(DenseShape):
                    moe_layers=tuple(cfg.moe_layers))
 
     def expert_shape(self, matrix: str) -> tuple[int, int]:
-        return (self.hidden, self.expert_d_f) if matrix == "down" else (self.expert_d_f, self.hidden)
+        return ffn_matrix_shape(matrix, self.expert_d_f, self.hidden)
 
     def shared_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
         """Qwen2-MoE's shared expert and its gate in MoE layer ``layer`` (empty elsewhere)."""
         names = shared_expert_names(self.model_type, layer) if self.shared_d_f else {}
-        w = self.shared_d_f
-        return {name: (1, self.hidden) if m == "shared_gate" else ((self.hidden, w) if m == "down" else (w, self.hidden))
+        return {name: (1, self.hidden) if m == "shared_gate" else ffn_matrix_shape(m, self.shared_d_f, self.hidden)
                 for m, name in names.items()}
 
     def all_tensors(self) -> dict[str, tuple[int, ...]]:
