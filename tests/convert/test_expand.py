@@ -123,14 +123,15 @@ def test_children_are_their_parents_and_the_rest_is_kept(moe_sources, tmp_path):
 # Drop-Upcycling and noise on the children
 
 
-def test_drop_redraws_r_of_each_child_with_its_parents_statistics(moe_sources, tmp_path):
-    src, m, r, w = moe_sources["mixtral"], 2, 0.5, 48
+@pytest.mark.parametrize("family", ["mixtral", "granitemoe"])  # one tensor per expert / stacked
+def test_drop_redraws_r_of_each_child_with_its_parents_statistics(moe_sources, tmp_path, family):
+    src, m, r, w = moe_sources[family], 2, 0.5, 48
     prov = _run(src, tmp_path / "big", method="drop", ratio=r, num_experts=E * m, seed=3)
     old, new = load_tensors(src), load_tensors(tmp_path / "big")
     for layer in (0, 1):
         sets = []
         for e in range(E * m):
-            child, parent = _experts(new, "mixtral", layer, e), _experts(old, "mixtral", layer, e // m)
+            child, parent = _experts(new, family, layer, e), _experts(old, family, layer, e // m)
             changed = {x: _changed_neurons(child[x], parent[x], x) for x in child}
             assert all(len(c) == num_reinit(w, r) for c in changed.values()), (layer, e)
             assert torch.equal(changed["gate"], changed["up"]) and torch.equal(changed["gate"], changed["down"])
