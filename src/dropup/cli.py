@@ -35,7 +35,8 @@ def _upcycle_parser(sub) -> None:
                        description="Build a Hugging Face MoE checkpoint from a dense Llama-family "
                        "checkpoint by one of the Drop-Upcycling paper's construction methods.")
     p.add_argument("src", help="dense Hugging Face checkpoint directory, or a .gguf file "
-                   "(dequantised first; needs the gguf extra)")
+                   "(dequantised first; needs the gguf extra); or an MoE checkpoint to expand "
+                   "(--num-experts a multiple of its experts)")
     p.add_argument("out", help="output directory (created; must be empty unless --overwrite)")
     p.add_argument("--method", default=d.method, choices=choices(UpcycleOptions, "method"),
                    help="construction method (default: %(default)s; see README)")
@@ -45,7 +46,8 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--num-experts", type=int, default=d.num_experts,
                    help="experts E per MoE layer (default 8, the paper's)")
     p.add_argument("--top-k", type=int, default=d.top_k,
-                   help="experts each token is routed to, weights renormalised (default 2)")
+                   help="experts each token is routed to, weights renormalised (default 2; when SRC is an "
+                   "MoE being expanded, its k times the expansion factor, which keeps its function)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="every random draw (index sets, new values, routers) derives from it")
     p.add_argument("--index-sampling", default=d.index_sampling,
@@ -104,7 +106,7 @@ def _run_upcycle(a: argparse.Namespace) -> int:
     opts = {k: v for k, v in vars(a).items() if k not in ("command", "src", "out", "quiet")}
     prov = upcycle(a.src, a.out, UpcycleOptions(**opts, progress=not a.quiet))
     if not a.quiet:
-        print(f"wrote {a.out}: {prov['target']}, {a.num_experts} experts top-{a.top_k}, "
+        print(f"wrote {a.out}: {prov['target']}, {a.num_experts} experts top-{prov['options']['top_k']}, "
               f"method {a.method}, {prov['output_bytes'] / 1e9:.3f} GB in {prov['seconds']:.1f} s")
         if "verify" in prov:
             from dropup.convert.verify import summary

@@ -288,7 +288,17 @@ def _provenance(path: Path) -> dict:
         "intact_fraction_mean": sum(intact) / len(intact),
         "intact_fraction_min": min(intact), "intact_fraction_max": max(intact),
         **_layout(prov["options"]),
+        "expansion": _expansion(prov.get("expansion")),
     }
+
+
+def _expansion(exp) -> dict | None:
+    """An expanded MoE's record (upcycle._expansion_record), or None for one built from a dense SRC."""
+    if exp is None:
+        return None
+    if not isinstance(exp, dict) or not all(_is(exp.get(k), int) for k in ("source_experts", "source_top_k", "factor")):
+        raise _Unreadable("its 'expansion' lacks source_experts, source_top_k or factor as integers")
+    return exp
 
 
 def _layout(options: dict) -> dict:
@@ -336,11 +346,16 @@ def format_report(r: dict) -> str:
         method = u["method"] + (f" (r = {ratios.text(u['ratio'])}{per_layer}, {u['index_sampling']} indices, "
                                 f"{u['reinit_stats']} statistics{gentler})" if u["ratio"] is not None else "")
         lines += [
-            f"method       {method}; router {u['router_init']}; seed {u['seed']}",
+            f"method       {method}; router {'rows copied from the parents' if u['expansion'] else u['router_init']}; "
+            f"seed {u['seed']}",
             f"source       {u['source']} ({u['source_type']}); dropup {u['dropup_version']}",
             f"intact       {u['intact_fraction_mean']:.4f} of each expert's neurons untouched "
             f"(min {u['intact_fraction_min']:.4f}, max {u['intact_fraction_max']:.4f})",
         ]
+        if u["expansion"]:
+            x = u["expansion"]
+            lines.append(f"expanded     from {x['source_experts']} experts top-{x['source_top_k']}: each into {x['factor']} "
+                         f"children (expert e from SRC's expert floor(e / {x['factor']}))")
         if u["granularity"] > 1:
             lines.append(f"granularity  {u['granularity']}: each expert one of {u['granularity']} neuron shards of "
                          "a dense FFN copy; the router started with one logit per copy (virtual groups)")

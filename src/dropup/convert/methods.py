@@ -66,7 +66,10 @@ def expert_shard(opts, expert: int) -> tuple[int, int]:
 
 def start_matrix(ctx: Context, source: int, layer: int, expert: int, matrix: str) -> torch.Tensor:
     """The dense matrix an expert starts from: the whole dense FFN's, or with ``--granularity``
-    its shard, down scaled by the group size (see ``upcycle``'s note on exactness)."""
+    its shard, down scaled by the group size (see ``upcycle``'s note on exactness); when expanding
+    an MoE, the SRC expert that is the child's parent."""
+    if ctx.factor:
+        return ctx.cache.expert(layer, ctx.parent(expert), matrix)
     if ctx.opts.granularity == 1:
         return ctx.cache.get(source, layer, matrix)
     return ctx.cache.shard(source, layer, matrix, expert_shard(ctx.opts, expert)[1])
@@ -106,7 +109,8 @@ def _drop_expert(ctx: Context, layer: int, expert: int, matrix: str, name: str) 
         stats = surgery.ReinitStats(0.0, 0.0)  # what zeros are drawn from
     else:
         shard = expert_shard(o, expert)[1] if o.granularity > 1 else None
-        stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix, shard),
+        parent = ctx.parent(expert) if ctx.factor else None  # expansion: the parent's statistics
+        stats = surgery.stats_from_moments(ctx.cache.moments(0, layer, matrix, shard, parent),
                                            idx if o.reinit_stats == "slice" else None).scaled(o.reinit_scale)
         surgery.drop_reinit(dense, matrix, idx, stats, key, out=out, scratch=ctx.scratch())
     ctx.experts[(layer, expert)][matrix] = {"reinit_fraction": idx.numel() / ctx.expert_width,

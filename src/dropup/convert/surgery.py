@@ -282,6 +282,14 @@ def virtual_group_router(copies: torch.Tensor, group: int) -> torch.Tensor:
     return copies.repeat_interleave(group, dim=0)
 
 
+def child_selection_bias(bias: torch.Tensor, factor: int) -> torch.Tensor:
+    """Expert expansion of a selection bias [E] (aux-loss-free balancing, added to the router
+    probabilities for the top-k choice): each parent's bias divided by ``factor`` for each of its
+    ``factor`` contiguous children, whose probabilities are the parent's divided by ``factor``;
+    the biased scores then keep their order. Exact for a power-of-two factor."""
+    return (bias.to(torch.float32) / factor).repeat_interleave(factor)
+
+
 def btx_source_of_expert(expert: int, num_experts: int, num_sources: int) -> int:
     """Branch-Train-MiX assignment: expert e takes its FFN from source floor(e * n / E)."""
     return (expert * num_sources) // num_experts

@@ -36,16 +36,19 @@ from dropup.errors import UserError
 from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.card import model_name, parameter_counts, upcycling_info, write_model_card
-from dropup.hub.config import config_json, dense_to_moe, parse_moe_layers
+from dropup.hub.config import config_json, dense_to_moe, expand_moe, parse_moe_layers
 from dropup.hub.gguf import dense_source
 from dropup.hub.gguf import origin as gguf_origin
 from dropup.hub.safetensors import (
     DTYPE_NAMES,
+    ROUTER_BIAS_FILE,
     CheckpointReader,
     ShardedWriter,
     TensorSpec,
     check_free_space,
     parse_size,
+    read_router_bias_file,
+    write_router_bias_file,
 )
 
 
@@ -54,6 +57,7 @@ _STD = "a standard deviation; default 0.02"
 # than the default is refused). "recorded": "when-set": see recorded_options.
 _GENTLER = {"only": "drop", "recorded": "when-set"}
 _WHEN_SET = {"recorded": "when-set"}
+DENSE_TOP_K = 2  # --top-k's default for a dense SRC: the paper routes each token to 2
 
 
 @dataclass
@@ -62,7 +66,8 @@ class UpcycleOptions:
     # one r for every layer, one per layer, or linear:A:B over depth (``ratios``); each in [0, 1]
     ratio: ratios.Ratio = ranged(0.5, ge=0, le=1, hint="0.5 is the paper's choice")
     num_experts: int = ranged(8, ge=2, integer=True, hint="an MoE needs at least 2 experts")
-    top_k: int = ranged(2, ge=1, le="num_experts", integer=True, hint="the paper routes each token to 2")
+    # None: DENSE_TOP_K for a dense SRC; SRC's k times E / E_src when expanding an MoE (_resolve_top_k)
+    top_k: int | None = ranged(None, ge=1, le="num_experts", integer=True, hint="the paper routes each token to 2")
     seed: int = ranged(0, ge=0, le=2**63 - 1, integer=True)
     # shared: one neuron set per expert for gate, up and down; per-matrix: one set per matrix
     index_sampling: Literal["shared", "per-matrix"] = "shared"
@@ -103,7 +108,7 @@ class UpcycleOptions:
         check_ranges(self, skip=("ratio",))
         for f in dataclasses.fields(self):  # numpy scalars pass the checks; upcycling.json needs plain numbers
             value = getattr(self, f.name)
-            if "range" in f.metadata and f.name != "ratio" and type(value) not in (int, float):
+            if "range" in f.metadata and f.name != "ratio" and value is not None and type(value) not in (int, float):
                 setattr(self, f.name, int(value) if f.metadata["range"].integer else float(value))
         method = METHODS[self.method]
         if ratios.is_per_layer(self.ratio) and not method.uses_ratio:
@@ -140,7 +145,8 @@ class UpcycleOptions:
         g = routed_group(self)
         what = f"--granularity {G}" + (" with --shared-expert shard (G - 1 routed shards per copy)"
                                        if self.shared_expert == "shard" else "")
-        for flag, value in (("--num-experts", self.num_experts), ("--top-k", self.top_k)):
+        top_k = DENSE_TOP_K if self.top_k is None else self.top_k  # G > 1 is for dense sources only
+        for flag, value in (("--num-experts", self.num_experts), ("--top-k", top_k)):
             if value % g:
                 raise UserError(f"{flag} {value} must be a multiple of {g} for {what}: each copy of the "
                                 f"dense FFN is {g} experts, routed together")
@@ -181,6 +187,41 @@ def _check_layout(opts: UpcycleOptions, shape: archs.DenseShape, target: str) ->
         raise UserError(f"--shared-expert-size {width}: --shared-expert {opts.shared_expert} is "
                         f"{'the dense FFN' if own == d_f else 'one shard'}, {own} neurons wide; leave it "
                         "out or use --shared-expert silent")
+
+
+# Options that decide what a dense SRC's FFN becomes. An MoE SRC has its experts' width, its MoE
+# layers, its shared expert and its routers already, and expansion keeps them (a child's router
+# row is its parent's), so these are refused there.
+_NOT_FOR_EXPANSION = ("granularity", "shared_expert", "shared_expert_size", "moe_layers", "router_init",
+                      "router_std")
+
+
+def _check_expansion(opts: UpcycleOptions, shape: archs.MoEShape) -> None:
+    """What expanding an MoE SRC (``shape``) needs of the options."""
+    E, what = shape.experts, f"SRC is a {shape.model_type} MoE with {shape.experts} experts"
+    inherit = [n for n, m in METHODS.items() if m.non_ffn == "copy"]
+    if opts.method not in inherit:
+        raise UserError(f"--method {opts.method}: {what}; expanding it starts every new expert from one of "
+                        f"them, which only {', '.join(inherit)} do")
+    if opts.num_experts % E or opts.num_experts == E:
+        raise UserError(f"--num-experts {opts.num_experts}: {what}; expansion gives each of them the same "
+                        f"number of children, so --num-experts must be a multiple of {E} above it "
+                        f"(e.g. --num-experts {2 * E})")
+    for f in dataclasses.fields(opts):
+        if f.name in _NOT_FOR_EXPANSION and getattr(opts, f.name) != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            raise UserError(f"{flag}: {what}, whose expert width, MoE layers, shared expert and routers "
+                            f"expansion keeps (each child's router row is its parent's); leave {flag} out")
+
+
+def _resolve_top_k(opts: UpcycleOptions, shape: archs.DenseShape) -> int:
+    """--top-k, or its default: DENSE_TOP_K, or when expanding an MoE of top-k its k times the
+    expansion factor, which keeps SRC's function (docs/expand.md)."""
+    if opts.top_k is not None:
+        return opts.top_k
+    if isinstance(shape, archs.MoEShape):
+        return shape.top_k * (opts.num_experts // shape.experts)
+    return DENSE_TOP_K
 
 
 def recorded_options(opts: UpcycleOptions) -> dict:
@@ -234,12 +275,22 @@ class Context:
         self.cache = _FFNCache(self)
 
     @property
+    def factor(self) -> int:
+        """Expert expansion of an MoE SRC: children m = E / E_src of each of its experts; 0 for a
+        dense SRC."""
+        return self.opts.num_experts // self.shape.experts if isinstance(self.shape, archs.MoEShape) else 0
+
+    def parent(self, expert: int) -> int:
+        """The SRC expert a child starts from: floor(e / m), so each parent's children are contiguous."""
+        return expert // self.factor
+
+    @property
     def expert_width(self) -> int:
-        """Intermediate neurons per routed expert: d_f / G."""
-        return self.shape.d_f // self.opts.granularity
+        """Intermediate neurons per routed expert: d_f / G (an expanded MoE's: SRC's experts')."""
+        return self.shape.expert_d_f if self.factor else self.shape.d_f // self.opts.granularity
 
     def expert_shape(self, matrix: str) -> tuple[int, int]:
-        return _ffn_shape(matrix, self.expert_width, self.shape.hidden)
+        return archs.ffn_matrix_shape(matrix, self.expert_width, self.shape.hidden)
 
     @property
     def shared_width(self) -> int:
@@ -247,7 +298,7 @@ class Context:
         return shared_expert_width(self.opts, self.shape.d_f)
 
     def shared_shape(self, matrix: str) -> tuple[int, int]:
-        return _ffn_shape(matrix, self.shared_width, self.shape.hidden)
+        return archs.ffn_matrix_shape(matrix, self.shared_width, self.shape.hidden)
 
     def read(self, source: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of source ``source``; its checksum goes into the provenance."""
@@ -260,11 +311,6 @@ class Context:
         if not hasattr(self._local, "scratch"):
             self._local.scratch = surgery.Scratch()
         return self._local.scratch
-
-
-def _ffn_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
-    """An FFN matrix of ``width`` intermediate neurons, in nn.Linear layout (surgery.NEURON_AXIS)."""
-    return (hidden, width) if surgery.NEURON_AXIS[matrix] == 1 else (width, hidden)
 
 
 class _FFNCache:
@@ -287,10 +333,20 @@ class _FFNCache:
         """Shard ``shard`` of the dense matrix as a fine-grained expert starts from it (down scaled)."""
         return self._once((source, layer, matrix, "shard", shard), lambda: self._shard(source, layer, matrix, shard))
 
-    def moments(self, source: int, layer: int, matrix: str, shard: int | None = None) -> surgery.NeuronMoments:
-        """Per-neuron moments of the dense matrix, or of one shard (as ``shard`` returns it)."""
-        return self._once((source, layer, matrix, "moments", shard), lambda: surgery.neuron_moments(
-            self.get(source, layer, matrix) if shard is None else self.shard(source, layer, matrix, shard), matrix))
+    def expert(self, layer: int, parent: int, matrix: str) -> torch.Tensor:
+        """Expert ``parent``'s matrix of an MoE SRC (expansion), read once for all its children."""
+        return self._once((0, layer, matrix, "expert", parent), lambda: self._read_expert(layer, parent, matrix))
+
+    def moments(self, source: int, layer: int, matrix: str, shard: int | None = None,
+                parent: int | None = None) -> surgery.NeuronMoments:
+        """Per-neuron moments of the dense matrix, of one shard (as ``shard`` returns it) or of
+        SRC's expert ``parent`` (expansion)."""
+        def start() -> torch.Tensor:
+            if parent is not None:
+                return self.expert(layer, parent, matrix)
+            return self.get(source, layer, matrix) if shard is None else self.shard(source, layer, matrix, shard)
+        return self._once((source, layer, matrix, "moments", shard, parent),
+                          lambda: surgery.neuron_moments(start(), matrix))
 
     def _read(self, source: int, layer: int, matrix: str) -> torch.Tensor:
         ctx = self.ctx
@@ -300,6 +356,18 @@ class _FFNCache:
             # as there are experts. The experts of a layer are placed alike wherever their size
             # is a multiple of a page; where they are not, the writer copies.
             tensor = ctx.writer.stage(archs.expert_name(ctx.target, layer, 0, matrix), tensor)
+        return tensor
+
+    def _read_expert(self, layer: int, parent: int, matrix: str) -> torch.Tensor:
+        ctx, family = self.ctx, self.ctx.shape.model_type
+        stacked = archs.stacked_in(family, layer, matrix)
+        if stacked is not None:  # GraniteMoE: the layer's stacked tensor, read once for every expert
+            whole = self._once((0, layer, stacked[0]), lambda: ctx.read(0, stacked[0]))
+            tensor = archs.expert_matrix(whole, stacked[1], matrix)[parent]
+        else:
+            tensor = ctx.read(0, archs.expert_name(family, layer, parent, matrix))
+        if ctx.method.copies(ctx.ratios[layer]):  # as _read: staged for the m copies written from it
+            tensor = ctx.writer.stage(archs.expert_name(ctx.target, layer, parent * ctx.factor, matrix), tensor)
         return tensor
 
     def _shard(self, source: int, layer: int, matrix: str, shard: int) -> torch.Tensor:
@@ -394,13 +462,20 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         # docs/granular.md has the derivation and the tie condition.
         g = routed_group(o)
         router_key = surgery.derive_seed(o.seed, "router", layer)
-        add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
-            lambda k=router_key: surgery.virtual_group_router(surgery.router_weight(
-                o.num_experts // g, shape.hidden, o.router_init, o.router_std, k), g).to(dt))
+        if ctx.factor:
+            # Expert expansion: each child's row is its parent's, so the m children of a parent
+            # form a virtual group as above, of whole experts (docs/expand.md).
+            add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
+                lambda n=archs.router_name(target, layer): surgery.virtual_group_router(
+                    ctx.read(0, n), ctx.factor).to(dt))
+        else:
+            add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
+                lambda k=router_key: surgery.virtual_group_router(surgery.router_weight(
+                    o.num_experts // g, shape.hidden, o.router_init, o.router_std, k), g).to(dt))
         build_expert = ctx.method.builder(ctx.ratios[layer])
         fused = archs.fused_experts(target, layer)  # GraniteMoE (never granular: GRANULAR_TARGETS)
         for name, matrices in fused.items():
-            rows, cols = shape.ffn_shape(matrices[0])
+            rows, cols = ctx.expert_shape(matrices[0])
             add(name, (o.num_experts, rows * len(matrices), cols),
                 partial(_stacked_experts, ctx, build_expert, layer, name, matrices))
         for expert in range(o.num_experts if not fused else 0):
@@ -411,7 +486,10 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
                 else:
                     add(name, ctx.expert_shape(m), partial(build_expert, ctx, layer, expert, m, name))
         shared = archs.shared_expert_names(target, layer)
-        if shared:
+        if ctx.factor:  # an expanded MoE keeps SRC's shared expert (and its gate) as it was
+            for name, shp in shape.shared_tensors(layer).items():
+                add(name, shp, partial(non_ffn_tensor, ctx, name, shp))
+        elif shared:
             # Qwen2-MoE's shared expert is always on: sigmoid(gate(x)) * down(...), its gate at
             # zero so that sigmoid gives 1/2. Silent (the default): a zero down projection makes
             # its output exactly zero at step 0 (so naive upcycling stays function-preserving),
@@ -508,8 +586,11 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
     out = Path(out)
     method = METHODS[opts.method]
     main = CheckpointReader(local[0], "SRC")
-    shape = archs.dense_shape(main.config, f"SRC {main.path}")
+    shape = archs.source_shape(main.config, f"SRC {main.path}")
     target = archs.resolve_target(shape, opts.target)
+    if isinstance(shape, archs.MoEShape):
+        _check_expansion(opts, shape)
+    opts.top_k = _resolve_top_k(opts, shape)
     layer_ratios = ratios.per_layer(opts.ratio, shape.layers)
     _check_layout(opts, shape, target)
     sources = [main]
@@ -524,9 +605,14 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
         _check_source(ck, shape, need_ffn=method.needs_dense_ffn)
     out_dtype = _resolve_dtype(opts, main)
     dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[out_dtype]
-    moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
-                       aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
-    if target in archs.GRANULAR_TARGETS:  # the expert widths (the dense d_f unless --granularity says)
+    if isinstance(shape, archs.MoEShape):
+        moe = expand_moe(shape.config, num_experts=opts.num_experts, top_k=opts.top_k,
+                         aux_loss_coef=opts.aux_loss_coef)
+    else:
+        moe = dense_to_moe(shape.config, target, num_experts=opts.num_experts, top_k=opts.top_k,
+                           aux_loss_coef=opts.aux_loss_coef, moe_layers=opts.moe_layers)
+    if target in archs.GRANULAR_TARGETS and not isinstance(shape, archs.MoEShape):
+        # the expert widths (the dense d_f unless --granularity says)
         moe = dataclasses.replace(moe, moe_intermediate_size=shape.d_f // opts.granularity,
                                   shared_expert_intermediate_size=shared_expert_width(opts, shape.d_f)
                                   if archs.shared_expert_names(target, 0) else 0)
@@ -539,6 +625,7 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
         verify_tokens = windows(shape.config.vocab_size, main.path, opts.verify_text, opts.seed)
     plan = _plan(ctx)
     total = sum(spec.nbytes for spec, _ in plan)
+    router_bias = _expanded_router_bias(ctx) if ctx.factor else None
     with atomic_dir(out, existing="replace" if opts.overwrite else "refuse",
                     advice="pass --overwrite to replace it or choose another path",
                     protect=[("SRC", src), *(("btx source", s) for s in opts.sources)],
@@ -549,9 +636,12 @@ def _upcycle(src, out, opts: UpcycleOptions, local: list[Path]) -> dict:
             _run_plan(plan, writer, opts)
         (tmp / "config.json").write_text(config_json(config))
         side = main.copy_side_files(tmp)
+        bias_file = ROUTER_BIAS_FILE if router_bias is not None else None
+        if router_bias is not None:
+            write_router_bias_file(tmp, router_bias)
         for (layer, expert), entry in ctx.experts.items():
             entry["intact_fraction"] = intact_fraction(ctx, layer, expert)
-        provenance = _provenance(ctx, side, total, time.perf_counter() - t0)
+        provenance = _provenance(ctx, side, total, time.perf_counter() - t0, bias_file)
         (tmp / "upcycling.json").write_text(json.dumps(provenance, indent=1) + "\n")
         write_model_card(tmp, _card_info(ctx, plan, provenance))
         if opts.verify:
@@ -592,6 +682,30 @@ def _shape_diff(a: archs.DenseShape, b: archs.DenseShape) -> str:
     return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in differ)
 
 
+def _expanded_router_bias(ctx: Context) -> dict[str, torch.Tensor] | None:
+    """SRC's router-bias file (aux-loss-free balancing), if it has one, expanded like its routers
+    (read before any work, so a damaged file costs none). A child's bias is its parent's divided
+    by m: the bias is added to the router probabilities, and each child's probability is its
+    parent's / m, so the biased scores keep their order and the biased top-(k m) choice is the
+    children of SRC's biased top-k (docs/expand.md)."""
+    names = [archs.router_bias_name(ctx.shape.model_type, layer) for layer in ctx.moe_layers]
+    found = read_router_bias_file(ctx.sources[0].path, names, ctx.shape.experts)
+    if found is None:
+        return None
+    return {archs.router_bias_name(ctx.target, layer): surgery.child_selection_bias(found[name], ctx.factor)
+            for layer, name in zip(ctx.moe_layers, names)}
+
+
+def _expansion_record(ctx: Context, bias_file: str | None) -> dict:
+    """What ``upcycling.json`` says of an expansion: SRC's E and k, the factor, each child's parent."""
+    shape, o = ctx.shape, ctx.opts
+    return {"source_experts": shape.experts, "source_top_k": shape.top_k, "factor": ctx.factor,
+            "parents": [ctx.parent(e) for e in range(o.num_experts)],
+            # top-(k m) keeps SRC's function with naive copies; another k changes the routing
+            "top_k_preserves": o.top_k == shape.top_k * ctx.factor,
+            **({"router_bias": bias_file} if bias_file else {})}
+
+
 def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance: dict) -> dict:
     shape, o = ctx.shape, ctx.opts
     routed = len(ctx.moe_layers) * o.num_experts * sum(math.prod(ctx.expert_shape(m)) for m in surgery.FFN_MATRICES)
@@ -601,7 +715,7 @@ def _card_info(ctx: Context, plan: list[tuple[TensorSpec, Callable]], provenance
             "upcycling": upcycling_info(provenance)}
 
 
-def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> dict:
+def _provenance(ctx: Context, side: list[str], total: int, seconds: float, bias_file: str | None = None) -> dict:
     from dropup._version import __version__
 
     opts, main, shape = ctx.opts, ctx.sources[0], ctx.shape
@@ -624,6 +738,7 @@ def _provenance(ctx: Context, side: list[str], total: int, seconds: float) -> di
         # the r each layer was built with, where the spec gives one per layer
         **({"ratio_per_layer": list(ctx.ratios)} if ratios.is_per_layer(opts.ratio) else {}),
         "seed": opts.seed,
+        **({"expansion": _expansion_record(ctx, bias_file)} if ctx.factor else {}),
         "target": ctx.target,
         "function_preserving_target": archs.function_preserving_target(shape, ctx.target),
         "dtype": str(ctx.out_dtype).removeprefix("torch."),

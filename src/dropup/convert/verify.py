@@ -47,8 +47,14 @@ def _method_preserves(provenance: dict) -> bool:
     return all(method.preserves_dense(r) for r in ratios.recorded(provenance) or (o["ratio"],))
 
 
+def _routing_preserved(provenance: dict) -> bool:
+    """An expanded MoE routes as SRC only at top-(k m) (docs/expand.md); a dense SRC has no routing."""
+    return provenance.get("expansion", {}).get("top_k_preserves", True)
+
+
 def expects_dense_logits(provenance: dict) -> bool:
-    return provenance.get("function_preserving_target", True) and _method_preserves(provenance)
+    return (provenance.get("function_preserving_target", True) and _method_preserves(provenance)
+            and _routing_preserved(provenance))
 
 
 def why_not_exact(provenance: dict) -> str | None:
@@ -57,6 +63,10 @@ def why_not_exact(provenance: dict) -> str | None:
     reasons = []
     if not _method_preserves(provenance):
         reasons.append(f"method {o['method']} " + METHODS[o["method"]].changes.format(ratio=ratios.text(o["ratio"])))
+    if not _routing_preserved(provenance):
+        x = provenance["expansion"]
+        reasons.append(f"top-{o['top_k']} is not SRC's top-{x['source_top_k']} times the expansion factor "
+                       f"{x['factor']}, so the experts are chosen differently")
     if not provenance.get("function_preserving_target", True):
         reasons.append(f"target {provenance['target']} normalises queries and keys, which the "
                        f"{provenance.get('source', {}).get('config', {}).get('model_type', 'dense')} source does not")
@@ -228,6 +238,7 @@ def verify(src: Path, out: Path, provenance: dict | None = None, tokens: tuple[t
         "windows": list(tokens.shape), "max_abs_logit_diff": diff,
         "dense_loss": round(dense_loss, 5), "moe_loss": round(moe_loss, 5),
         "loss_change": round(moe_loss - dense_loss, 5), "exact": reason is None,
+        **({"reference": "the MoE SRC's"} if "expansion" in provenance else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if reason is None:
@@ -247,5 +258,5 @@ def summary(report: dict) -> str:
             f"max logit difference {report['max_abs_logit_diff']:.3g}, loss {report['dense_loss']:.4f} -> "
             f"{report['moe_loss']:.4f} nats ({report['loss_change']:+.4f})")
     if report["exact"]:
-        return head + "; exact (the MoE computes the dense function)"
+        return head + f"; exact (the MoE computes {report.get('reference', 'the dense')} function)"
     return head + f"; not exact: {report['not_exact_because']}"

@@ -65,7 +65,7 @@ def model_card(info: dict) -> str:
 
     ``model_type``, ``layers``, ``num_experts``, ``top_k``, ``total_params``, ``active_params``;
     optional ``base_model`` (a name, never a path), ``upcycling`` (``method``, ``ratio``, ``seed``,
-    ``num_experts``, ``source``), ``training`` (``steps``, ``tokens``, ``init``, ``router_bias``: the
+    ``num_experts``, ``source``; ``source_experts`` and ``router_bias`` for an expanded MoE), ``training`` (``steps``, ``tokens``, ``init``, ``router_bias``: the
     selection-bias file, when there is one).
     """
     base = info.get("base_model")
@@ -84,12 +84,16 @@ def model_card(info: dict) -> str:
              ""]
     up = info.get("upcycling")
     if up:
+        built = (f"Expanded from the {up['source_experts']}-expert MoE checkpoint" if up.get("source_experts")
+                 else "Upcycled from the dense checkpoint")
         body += ["## How it was built", "",
-                 f"Upcycled from the dense checkpoint `{up.get('source') or 'unknown'}` by dropup "
-                 f"(method `{up['method']}`):", ""]
+                 f"{built} `{up.get('source') or 'unknown'}` by dropup (method `{up['method']}`):", ""]
         if up.get("method") in ("drop", "noise") and up.get("ratio") is not None:
             body.append(f"- ratio: {ratios.text(up['ratio'])}" + (" (per layer)" if ratios.is_per_layer(up["ratio"]) else ""))
         body += [f"- experts: {up.get('num_experts', experts)}", f"- seed: {up['seed']}", ""]
+        if up.get("router_bias"):
+            body += [f"SRC's selection biases (aux-loss-free balancing) are in `{up['router_bias']}`, expanded "
+                     "with the experts. transformers ignores that file; dropup's `load_model` applies them.", ""]
     tr = info.get("training")
     if tr:
         body += ["## Training", "",
@@ -114,7 +118,8 @@ def upcycling_info(record: dict) -> dict:
     opts = record.get("options", {})
     return {"method": record.get("method"), "ratio": opts.get("ratio"), "seed": record.get("seed"),
             "num_experts": opts.get("num_experts"),
-            "source": model_name(record.get("source", {}).get("path"))}
+            "source": model_name(record.get("source", {}).get("path")),
+            **{k: v for k, v in (record.get("expansion") or {}).items() if k in ("source_experts", "router_bias")}}
 
 
 def write_model_card(out: str | os.PathLike, info: dict) -> None:

@@ -451,3 +451,13 @@ def dense_to_moe(cfg: ModelConfig, target: str, *, num_experts: int, top_k: int,
 
 # Keys of a dense Llama config that mean nothing in the MoE config.
 _DENSE_ONLY_KEYS = {"pretraining_tp"}
+
+
+def expand_moe(cfg: ModelConfig, *, num_experts: int, top_k: int, aux_loss_coef: float) -> ModelConfig:
+    """The config of an MoE with more experts made from ``cfg``'s own (expert expansion): the
+    same family and everything else as it was, its routing (norm_topk_prob) included."""
+    if not cfg.is_moe:
+        raise ValueError(f"{cfg.model_type!r} is not an MoE")
+    return replace(cfg, num_experts=num_experts, num_experts_per_tok=top_k, router_aux_loss_coef=aux_loss_coef,
+                   extra=dict(cfg.extra), mlp_only_layers=list(cfg.mlp_only_layers),
+                   sliding_windows=list(cfg.sliding_windows))

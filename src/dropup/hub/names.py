@@ -1,4 +1,5 @@
-"""Tensor names per architecture: what a dense source holds and what an MoE target calls its parts.
+"""Tensor names per architecture: what a dense source holds and what an MoE target calls its parts
+(an MoE source, whose experts are expanded, holds the target's own: ``MoEShape``).
 
 The non-FFN tensors (embeddings, attention, norms, LM head) have the same names in every
 Llama-family dense model and in Mixtral / Qwen2-MoE / Qwen3-MoE / GraniteMoE, so they are copied
@@ -31,7 +32,11 @@ TARGETS_OF = {
     "qwen2": ("qwen2_moe",),
     "qwen3": ("qwen3_moe",),
     "granite": ("granitemoe",),
+    # An MoE source is expanded (more experts from its own, ``MoEShape``) within its family.
+    **{moe: (moe,) for moe in MOE_TYPES},
 }
+# MoE sources whose experts can be expanded (every target; GraniteMoE reads its stacked tensors).
+EXPANDABLE_TYPES = MOE_TYPES
 _EXPERT_MATRIX = {  # dropup's matrix name -> the target's per-expert tensor name
     "mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
     "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
@@ -109,7 +114,78 @@ class DenseShape:
         return out
 
     def ffn_shape(self, matrix: str) -> tuple[int, int]:
-        return (self.hidden, self.d_f) if matrix == "down" else (self.d_f, self.hidden)
+        return ffn_matrix_shape(matrix, self.d_f, self.hidden)
+
+
+def ffn_matrix_shape(matrix: str, width: int, hidden: int) -> tuple[int, int]:
+    """An FFN matrix of ``width`` intermediate neurons as stored (nn.Linear: down is [hidden, width])."""
+    return (hidden, width) if matrix == "down" else (width, hidden)
+
+
+@dataclass(frozen=True)
+class MoEShape(DenseShape):
+    """An MoE checkpoint as the source of expert expansion: the same non-expert tensors as a dense
+    model's, ``d_f`` the width of its dense layers (Qwen-MoE's ``mlp_only_layers``; unused
+    elsewhere), plus what its MoE layers hold."""
+
+    experts: int  # routed experts per MoE layer
+    top_k: int
+    norm_topk: bool  # top-k weights renormalised (always but for Qwen-MoE's norm_topk_prob false)
+    expert_d_f: int  # each routed expert's width
+    shared_d_f: int  # Qwen2-MoE's shared expert (0: none)
+    moe_layers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> MoEShape:
+        dense = DenseShape.of(cfg)
+        return cls(**{f: getattr(dense, f) for f in dense.__dataclass_fields__}, experts=cfg.num_experts,
+                   top_k=cfg.num_experts_per_tok, norm_topk=cfg.norm_topk_prob,
+                   expert_d_f=cfg.moe_intermediate_size, shared_d_f=cfg.shared_expert_intermediate_size,
+                   moe_layers=tuple(cfg.moe_layers))
+
+    def expert_shape(self, matrix: str) -> tuple[int, int]:
+        return ffn_matrix_shape(matrix, self.expert_d_f, self.hidden)
+
+    def shared_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Qwen2-MoE's shared expert and its gate in MoE layer ``layer`` (empty elsewhere)."""
+        names = shared_expert_names(self.model_type, layer) if self.shared_d_f else {}
+        return {name: (1, self.hidden) if m == "shared_gate" else ffn_matrix_shape(m, self.shared_d_f, self.hidden)
+                for m, name in names.items()}
+
+    def all_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the MoE checkpoint: the non-FFN ones, each MoE layer's router, experts
+        (stacked where the family stacks them) and shared expert, each dense layer's FFN."""
+        out = self.non_ffn_tensors()
+        t, E = self.model_type, self.experts
+        for layer in range(self.layers):
+            if layer not in self.moe_layers:
+                out.update({self.ffn_name(layer, m): self.ffn_shape(m) for m in ("gate", "up", "down")})
+                continue
+            out[router_name(t, layer)] = (E, self.hidden)
+            for name, matrices in fused_experts(t, layer).items():
+                rows, cols = self.expert_shape(matrices[0])
+                out[name] = (E, rows * len(matrices), cols)
+            for e in range(E if not fused_experts(t, layer) else 0):
+                out.update({expert_name(t, layer, e, m): self.expert_shape(m) for m in ("gate", "up", "down")})
+            out.update(self.shared_tensors(layer))
+        return out
+
+
+def source_shape(cfg: dict, where: str = "SRC") -> DenseShape:
+    """A source's shape: a ``DenseShape``, or a ``MoEShape`` for an MoE to expand."""
+    mt = cfg.get("model_type")
+    if mt not in EXPANDABLE_TYPES:
+        if mt not in SOURCE_TYPES:
+            raise UserError(f"{where}: model_type {mt!r} is not supported; supported inputs are the dense "
+                            f"{', '.join(SOURCE_TYPES)} and, to expand their experts, the MoE "
+                            f"{', '.join(EXPANDABLE_TYPES)}")
+        return dense_shape(cfg, where)
+    moe = MoEShape.of(ModelConfig.from_hf(cfg, where))
+    if not moe.moe_layers:
+        raise UserError(f"{where}: a {moe.model_type} whose config.json makes no layer MoE "
+                        "(mlp_only_layers / decoder_sparse_step) has no experts to expand; give a dense "
+                        "or an MoE checkpoint")
+    return moe
 
 
 def dense_shape(cfg: dict, where: str = "SRC") -> DenseShape:

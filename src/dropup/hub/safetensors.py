@@ -508,3 +508,45 @@ def check_free_space(out: Path, needed: int) -> None:
     if needed > free:
         raise UserError(f"OUT needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
                         f"free on {parent}; free space or choose another path")
+
+
+# ---------------------------------------------------------------------------------------------
+# dropup's router-bias file
+
+# Per-layer selection biases (aux-loss-free balancing) that no Mixtral / Qwen-MoE config.json can
+# express, beside a checkpoint's weights (tensor names: names.router_bias_name). In a
+# sub-directory: loaders that read every top-level *.safetensors file of a checkpoint without an
+# index as its weights (vLLM does) must not take the biases for weights.
+ROUTER_BIAS_FILE = "dropup/router_bias.safetensors"
+_ROUTER_BIAS_FORMAT = "dropup-router-bias"
+
+
+def write_router_bias_file(out: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """``out / ROUTER_BIAS_FILE`` holding ``tensors`` (one float32 [E] bias per MoE layer)."""
+    from safetensors.torch import save_file
+
+    path = Path(out) / ROUTER_BIAS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": _ROUTER_BIAS_FORMAT, "version": "1",
+                        "use": "added to the softmax router probabilities for the top-k choice only; the "
+                               "combine weights are the unbiased probabilities (dropup.model.decoder.select_experts)"})
+    return path
+
+
+def read_router_bias_file(ckpt: str | os.PathLike, names: list[str], num_experts: int) -> dict[str, torch.Tensor] | None:
+    """The biases in checkpoint ``ckpt``'s ``ROUTER_BIAS_FILE`` (None when it has none), which
+    must be exactly ``names``, each float32 [num_experts]."""
+    file = Path(ckpt) / ROUTER_BIAS_FILE
+    if not file.is_file():
+        return None
+    found = read_safetensors_header(file)  # a damaged file is one line
+    bad = sorted(set(names) ^ set(found)) or [n for n in names if found[n].shape != (num_experts,)
+                                              or found[n].dtype != torch.float32]
+    if bad:
+        raise UserError(f"{file} does not match {Path(ckpt) / 'config.json'} (tensor {bad[0]}): it must hold "
+                        f"one float32 [{num_experts}] selection bias per MoE layer; re-save the model or remove "
+                        "the file (the routing then has no bias)")
+    from safetensors.torch import load_file
+
+    return load_file(str(file))

@@ -28,18 +28,16 @@ from dropup.hub import names as archs
 from dropup.hub.atomic import atomic_dir
 from dropup.hub.config import ModelConfig, config_json
 from dropup.hub.safetensors import (
+    ROUTER_BIAS_FILE,
     CheckpointReader,
     ShardedWriter,
     TensorSpec,
     read_json_object,
-    read_safetensors_header,
+    read_router_bias_file,
+    write_router_bias_file,
 )
 from dropup.model.decoder import CausalLM, moe_layers, selection_biases
 
-# In a sub-directory: loaders that read every top-level *.safetensors file of a checkpoint
-# without an index as its weights (vLLM does) must not take the biases for weights.
-ROUTER_BIAS_FILE = "dropup/router_bias.safetensors"
-_ROUTER_BIAS_FORMAT = "dropup-router-bias"
 _EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)")
 
 
@@ -186,47 +184,24 @@ def _router_bias_names(model: CausalLM) -> list[str]:
 def write_router_bias(model: CausalLM, out: str | os.PathLike) -> Path | None:
     """``out / ROUTER_BIAS_FILE`` with the model's selection biases (float32, one [E] tensor per
     MoE layer), or nothing (None) when every bias is zero: the plain routing needs no file."""
-    from safetensors.torch import save_file
-
     biases = selection_biases(model)
     if not any(bool(b.any()) for b in biases):
         return None
-    tensors = {name: b.detach().to("cpu", torch.float32).contiguous()
-               for name, b in zip(_router_bias_names(model), biases)}
-    path = Path(out) / ROUTER_BIAS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={
-        "format": _ROUTER_BIAS_FORMAT, "version": "1",
-        "use": "added to the softmax router probabilities for the top-k choice only; the combine weights "
-               "are the unbiased probabilities (dropup.model.decoder.select_experts)"})
-    return path
+    return write_router_bias_file(out, dict(zip(_router_bias_names(model), biases)))
 
 
 def load_router_bias(model: CausalLM, path: str | os.PathLike) -> bool:
     """Set every MoE layer's selection bias from the checkpoint directory ``path``'s
     ``ROUTER_BIAS_FILE``, or to zero when it has none; True when the file was read."""
     biases = selection_biases(model)
-    file = Path(path) / ROUTER_BIAS_FILE
-    if not biases or not file.is_file():
-        for b in biases:
-            b.zero_()
-        return False
-    found = read_safetensors_header(file)  # a damaged file is one line
-    names = _router_bias_names(model)
-    e = model.config.num_experts
-    bad = sorted(set(names) ^ set(found)) or [n for n in names if found[n].shape != (e,)
-                                              or found[n].dtype != torch.float32]
-    if bad:
-        raise UserError(f"{file} does not match {Path(path) / 'config.json'} (tensor {bad[0]}): it must hold "
-                        f"one float32 [{e}] selection bias per MoE layer; re-save the model or remove the "
-                        "file (the routing then has no bias)")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(file))
+    tensors = read_router_bias_file(path, _router_bias_names(model), model.config.num_experts) if biases else None
     with torch.no_grad():
-        for name, b in zip(names, biases):
-            b.copy_(tensors[name])
-    return True
+        for name, b in zip(_router_bias_names(model), biases):
+            if tensors is None:
+                b.zero_()
+            else:
+                b.copy_(tensors[name])
+    return tensors is not None
 
 
 def save_model(
