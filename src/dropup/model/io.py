@@ -85,12 +85,10 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     return out
 
 
-def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str, torch.Tensor]:
-    """The model's state dict for parameter ``names`` from a mapping of Hub-named tensors.
-
-    ``tensors`` needs only ``__getitem__`` and ``keys()`` so a lazy safetensors reader works.
-    """
-    available = set(tensors.keys())
+def _wanted(available, cfg: ModelConfig, names: list[str]) -> dict[str, str | list[str] | Stacked]:
+    """Each of parameter ``names``' Hub name(s); a checkpoint that lacks one of them, or holds a
+    tensor none of them reads, does not match its config.json (one line)."""
+    available = set(available)
     wanted = {n: hf_names(n, cfg) for n in names}
     needed = {h for hf in wanted.values() for h in _hub_keys(hf)}
     missing = sorted(needed - available)
@@ -103,13 +101,28 @@ def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str,
             f"checkpoint does not match its config.json ({cfg.model_type}): "
             f"{len(missing)} missing tensors {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}"
         )
-    out = {}
-    for n, hf in wanted.items():
-        if isinstance(hf, Stacked):
-            out[n] = archs.expert_matrix(tensors[hf.name], hf.matrices, hf.matrix).contiguous()
-        else:
-            out[n] = torch.stack([tensors[h] for h in hf]) if isinstance(hf, list) else tensors[hf]
-    return out
+    return wanted
+
+
+def from_hf_state_dict(tensors, cfg: ModelConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict for parameter ``names`` from a mapping of Hub-named tensors.
+
+    ``tensors`` needs only ``__getitem__`` and ``keys()`` so a lazy safetensors reader works.
+    """
+    def rows(name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        return tensors[name][start:stop]
+
+    return {n: _read_param(rows, hf) for n, hf in _wanted(tensors.keys(), cfg, names).items()}
+
+
+def _read_param(rows, hf: str | list[str] | Stacked, start: int | None = None, stop: int | None = None):
+    """Rows ``start:stop`` (dim 0; None: all) of one model parameter from its Hub tensor(s) ``hf``;
+    ``rows(name, start, stop)`` reads rows of one Hub tensor. Stacked experts: dim 0 is the expert."""
+    if isinstance(hf, Stacked):
+        return archs.expert_matrix(rows(hf.name, start, stop), hf.matrices, hf.matrix).contiguous()
+    if isinstance(hf, list):
+        return torch.stack([rows(h, None, None) for h in hf[start:stop]])
+    return rows(hf, start, stop)
 
 
 class _DeviceReader:
@@ -166,13 +179,79 @@ def load_model(
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb.to_empty(device=device)
-    model.model.rotary_emb.reset()
-    for moe in moe_layers(model):  # a buffer outside the state dict: still on the meta device
-        moe.selection_bias = torch.zeros(moe.num_experts, device=device)
-    load_router_bias(model, path)
+    _init_buffers(model, path, device)
     model.set_moe_impl(moe_impl)
     return model
+
+
+def _init_buffers(model: CausalLM, path: Path, device: torch.device) -> None:
+    """The buffers no checkpoint tensor holds, as every loader sets them: RoPE's inverse
+    frequencies recomputed in fp32, the selection biases from ``ROUTER_BIAS_FILE`` (or zero)."""
+    model.model.rotary_emb.to_empty(device=device)
+    model.model.rotary_emb.reset()
+    for moe in moe_layers(model):  # a buffer outside the state dict: fp32 whatever the weights are
+        moe.selection_bias = torch.zeros(moe.num_experts, device=device)
+    load_router_bias(model, path)
+
+
+def meta_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, moe_impl: str = "auto") -> CausalLM:
+    """The model of the checkpoint at ``path`` with no storage (on the meta device), its weights in
+    ``dtype``: compile or shard it (FSDP2's ``fully_shard`` takes meta parameters), then
+    ``load_into`` materialises it and reads its weights."""
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.to(dtype)
+    model.set_moe_impl(moe_impl)
+    return model
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, path: str | os.PathLike, device: str | torch.device) -> torch.nn.Module:
+    """Materialise ``meta_model``'s model, plain or sharded with FSDP2, on ``device`` and fill it
+    from the checkpoint at ``path``, one parameter at a time and of each only the rows this process
+    holds (``_local_rows``), read as a slice of the file: no process holds more of the model in host
+    memory than one parameter's share. The parameters are bit for bit ``load_model``'s in the same
+    dtype; the buffers are set as it sets them."""
+    path, device = Path(path), torch.device(device)
+    model.to_empty(device=device)
+    reader = CheckpointReader(path, "checkpoint")
+    params = dict(model.named_parameters())
+    wanted = _wanted(reader.tensors.keys(), model.config, list(params))
+    fused = {hf.name for hf in wanted.values() if isinstance(hf, Stacked)}
+    last: dict[str, torch.Tensor] = {}
+
+    def rows(name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        if name not in fused:
+            return reader.get_rows(name, start, stop)
+        # GraniteMoE stacks gate and up in one file tensor: its rows are read once for both.
+        if name not in last:
+            last.clear()
+            last[name] = reader.get_rows(name, start, stop)
+        return last[name]
+
+    for name, hf in wanted.items():
+        local, start, stop = _local_rows(params[name])
+        if stop > start:  # a rank past the end of a short dim 0 (FSDP2 pads it) holds nothing
+            local.copy_(_read_param(rows, hf, start, stop))
+    _init_buffers(model, path, device)
+    return model
+
+
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """What this process stores of ``param`` and which rows ``start:stop`` of the full parameter
+    that is: all of them, or for a DTensor sharded on dim 0 over a 1-D mesh (FSDP2) its rank's
+    chunk, split as ``torch.chunk`` splits (chunks of ceil(rows / world), the last ones short)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param, 0, param.shape[0]
+    local = param.to_local()
+    if not all(isinstance(p, Shard) and p.dim == 0 for p in param.placements) or param.device_mesh.ndim != 1:
+        raise NotImplementedError(f"load_into reads dim-0 shards over a 1-D mesh (FSDP2), not {param.placements}")
+    rows, world = param.shape[0], param.device_mesh.size()
+    start = min(param.device_mesh.get_local_rank() * -(-rows // world), rows)
+    return local, start, start + local.shape[0]
 
 
 def _router_bias_names(model: CausalLM) -> list[str]:

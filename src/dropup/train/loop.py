@@ -42,7 +42,7 @@ from dropup.hub.card import check_tokenizers
 from dropup.hub.config import ModelConfig
 from dropup.hub.gguf import dense_source
 from dropup.model.decoder import CausalLM, DecoderLayer, build_model, selection_biases
-from dropup.model.io import ROUTER_BIAS_FILE, load_model, load_router_bias
+from dropup.model.io import ROUTER_BIAS_FILE, load_into, load_router_bias, meta_model
 from dropup.model.lm_loss import bits_per_byte, target_bytes, window_nll
 from dropup.train.checkpoints import checkpoints, find_resumable, load_checkpoint, save_checkpoint
 from dropup.train.config import PRESETS, Change, TrainConfig, resume_changes
@@ -161,13 +161,14 @@ def validation_token_bytes(cfg: TrainConfig, names) -> dict[str, torch.Tensor]:
 
 
 def make_model(cfg: TrainConfig, data_vocab: int, init: str | None = None) -> CausalLM:
-    """The model to train: ``init`` (``model.init``, or its dequantised copy when that is a GGUF
-    file) loaded, else the preset drawn from the seed."""
+    """The model to train: for ``init`` (``model.init``, or its dequantised copy when that is a GGUF
+    file) its shape on the meta device, which ``place_model`` fills once it is compiled and sharded;
+    else the preset drawn from the seed, on the CPU."""
     torch.manual_seed(cfg.seed)  # the from-scratch initialisation is a function of the seed
     m = cfg.model
     init = init or m.init
     if init is not None:
-        model = load_model(init, device="cpu", dtype=torch.float32, moe_impl=m.moe_impl)
+        model = meta_model(init, dtype=torch.float32, moe_impl=m.moe_impl)
     else:
         hf = dict(PRESETS[m.preset])
         hf["vocab_size"] = m.vocab_size or hf["vocab_size"] or data_vocab
@@ -178,6 +179,19 @@ def make_model(cfg: TrainConfig, data_vocab: int, init: str | None = None) -> Ca
     if data_vocab > model.config.vocab_size:
         raise UserError(f"the data's vocabulary ({data_vocab}) is larger than the model's "
                         f"({model.config.vocab_size}); the token ids would index past the embedding")
+    return model
+
+
+def place_model(model: CausalLM, d: Dist, bf16: bool, init: str | None) -> torch.nn.Module:
+    """The model on the run's device(s): sharded with FSDP2 over several processes, and with an
+    ``init`` checkpoint materialised there and read shard by shard (each process reads only the
+    rows it holds, straight into device memory), so no process holds the whole model on its host."""
+    if d.world > 1:
+        model = shard(model, d, bf16)  # a from-scratch model's shards move to the mesh's device
+    if init is not None:
+        load_into(model, init, d.device)
+    elif d.world == 1:
+        model.to(d.device)
     return model
 
 
@@ -396,11 +410,10 @@ def setup(cfg: TrainConfig, resume: bool, d: Dist, init: str | None = None) -> R
     if plan.compile:
         model.compile_layers()  # before sharding, so FSDP2's per-layer hooks stay outside the graphs
         phase(d, "torch.compile per decoder layer: the first steps compile, then run fast", t0)
-    if d.world > 1:
-        model = shard(model, d, plan.bf16)  # moves the shards to the mesh's device
-        phase(d, f"sharded with FSDP2 over {d.world} processes", t0)
-    else:
-        model.to(d.device)
+    model = place_model(model, d, plan.bf16, init)
+    if d.world > 1 or init is not None:
+        how = f"sharded with FSDP2 over {d.world} processes" if d.world > 1 else f"on {d.device}"
+        phase(d, how + (f", weights read from {cfg.model.init}" if init is not None else ""), t0)
     optimizer = build_optimizer(model, cfg.optim, plan.lr_max, d.device.type)
     run = Run(cfg, d, plan, model, mcfg, optimizer, mixture, val_sets, run_dir,
               val_token_bytes=validation_token_bytes(cfg, val_sets), biases=selection_biases(model))
