@@ -77,6 +77,41 @@ def test_one_process_gives_load_models_parameters_bit_for_bit(checkpoints, arch)
     _same_model(load_into(meta_model(path, dtype=torch.bfloat16), path, "cpu"), load_model(path, dtype=torch.bfloat16))
 
 
+def test_trainer_starts_from_load_models_parameters_and_resumes_exactly(checkpoints, tmp_path):
+    import shutil
+
+    import yaml
+
+    from dropup.data.tokens import write_dataset
+    from dropup.train.config import load_config
+    from dropup.train.loop import Dist, setup, train
+
+    gen = torch.Generator().manual_seed(0)
+    data = write_dataset(tmp_path / "data", {"train": [torch.randint(1, 90, (400,), generator=gen).tolist()]}, 96)
+
+    def config(name: str, steps: int):
+        cfg = {"model": {"init": str(checkpoints["mixtral"])}, "data": {"datasets": [{"path": str(data)}],
+               "seq_len": 16}, "batch": {"global_batch": 4, "micro_batch": 2}, "steps": steps,
+               "optim": {"lr": 1e-3, "warmup_steps": 1}, "save_interval": 2, "log_interval": 1, "progress": False,
+               "out_dir": str(tmp_path / name)}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return load_config(tmp_path / f"{name}.yaml")
+
+    run = setup(config("setup", 1), False, Dist())
+    _same_model(run.model, load_model(checkpoints["mixtral"], dtype=torch.float32))
+
+    def metrics() -> list[dict]:
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+    train(config("run", 4))
+    whole = metrics()
+    shutil.rmtree(tmp_path / "run" / "ckpt" / "step_4")
+    train(config("run", 4), resume=True)
+    assert len(whole) == 4 and metrics() == whole
+
+
+@pytest.mark.slow  # about 20 s: two torchrun processes start torch and a gloo group
 def test_two_gloo_processes_read_only_their_rows(checkpoints, tmp_path):
     """One torchrun launch for every checkpoint (its start-up is most of the time)."""
     paths = [str(checkpoints[a]) for a in ("llama", "mixtral", "qwen2_moe", "granitemoe")]
