@@ -285,9 +285,9 @@ def fmt_row(cells: list[str], widths: list[int]) -> str:
     return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
 
-def make_table(rows: list[list[str]]) -> str:
-    header = ["size", "contender", "wall s", "work s", "flush s", "peak RSS GB",
-              "anon / file GB", "output GB", "vs in-memory (time, RSS)", "time vs cp"]
+def make_table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    header = header or ["size", "contender", "wall s", "work s", "flush s", "peak RSS GB",
+                        "anon / file GB", "output GB", "vs in-memory (time, RSS)", "time vs cp"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [fmt_row(header, widths), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += [fmt_row(r, widths) for r in rows]

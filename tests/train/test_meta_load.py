@@ -132,6 +132,23 @@ def test_two_gloo_processes_read_only_their_rows(checkpoints, tmp_path):
     assert ranks[1][paths[2]]["empty"] > 0  # qwen2_moe: rank 1 holds no row of the shared-expert gate
 
 
+@pytest.mark.slow  # 15-30 s: each way loads in a fresh process that starts torch (the measurement needs it)
+def test_load_memory_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/load_memory.py --smoke: a tiny checkpoint written and loaded both ways, each in a
+    fresh process (two torch start-ups: most of the time), with the same parameters."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "load_memory.py"
+    spec = importlib.util.spec_from_file_location("load_memory", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--no-results", "--device", "cpu", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| whole " in out and "| meta " in out
+    assert "PASS: both loads give the same parameters and buffers" in out
+    assert not list(tmp_path.iterdir())  # the written checkpoint is removed
+
+
 def _worker(out_dir: Path, paths: list[str]) -> None:
     """Each checkpoint through the trainer's own ``make_model`` path (``meta_model``) and
     ``place_model`` (FSDP2 sharding, then ``load_into``), with every read of the files counted."""

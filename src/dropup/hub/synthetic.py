@@ -31,12 +31,20 @@ def llama_config(**overrides) -> dict:
 def write_synthetic_dense(out: str | Path, config: dict, dtype: str = "bfloat16", seed: int = 0,
                           max_shard_size: str = "5GB") -> Path:
     """Write a random dense checkpoint for ``config`` to ``out`` one tensor at a time."""
+    return write_random_checkpoint(out, config, dense_shape(config).all_tensors(), dtype, seed, max_shard_size)
+
+
+def write_random_checkpoint(out: str | Path, config: dict, shapes: dict[str, tuple[int, ...]],
+                            dtype: str = "bfloat16", seed: int = 0, max_shard_size: str = "5GB") -> Path:
+    """Write ``config`` (its config.json dict) and a random tensor for each of ``shapes`` (Hub name
+    -> shape, in the order written) to ``out``, one tensor at a time: norms near 1, every other
+    tensor N(0, 0.02^2), all from one generator seeded with ``seed``. Memory stays at one tensor
+    whatever the model's size."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(config, torch_dtype=dtype)
-    shape = dense_shape(config)
     dt = DTYPE_NAMES[dtype]
-    plan = [TensorSpec(dt, s, name=n) for n, s in shape.all_tensors().items()]
+    plan = [TensorSpec(dt, tuple(s), name=n) for n, s in shapes.items()]
     gen = torch.Generator().manual_seed(seed)
     with ShardedWriter(out, plan, parse_size(max_shard_size)) as writer:
         for spec in plan:
