@@ -7,6 +7,9 @@ per-expert names (``hf_names``).
     model = load_model("path/to/hf_checkpoint", device="cuda", dtype=torch.float32)
     save_model(model, "out/")                                     # == model.save_pretrained("out/")
 
+For training, ``meta_model`` builds the model without storage, to be compiled and sharded first;
+``load_into`` then reads into each process only the rows of each tensor that it holds.
+
 A model trained with aux-loss-free balancing also has per-layer selection biases, which no
 Mixtral / Qwen-MoE config.json can express: ``save_model`` writes them to ``ROUTER_BIAS_FILE``
 beside the weights and ``load_model`` applies them; transformers and other loaders ignore the
