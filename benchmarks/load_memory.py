@@ -96,7 +96,7 @@ def child(way: str, ckpt: str, device_name: str) -> None:
 
     device = torch.device(device_name)
     if device.type == "cuda":
-        torch.cuda.init()  # the CUDA context's host memory is not the load's: counted in import_rss
+        torch.zeros(1, device=device)  # the CUDA context's host memory is not the load's: in import_rss
     t_import, import_rss = time.perf_counter() - t0, _maxrss_kib()
     t1 = time.perf_counter()
     if way == "whole":
@@ -114,7 +114,8 @@ def child(way: str, ckpt: str, device_name: str) -> None:
 
 def _digest(t) -> list[float]:
     """Sum and sum of squares in float64, 2^20 elements at a time: the polled memory stays the load's."""
-    parts = [(c.double().sum().item(), c.double().square().sum().item()) for c in t.detach().reshape(-1).split(1 << 20)]
+    chunks = t.detach().reshape(-1).split(1 << 20)
+    parts = [(c.double().sum().item(), c.double().square().sum().item()) for c in chunks]
     return [sum(a for a, _ in parts), sum(b for _, b in parts)]
 
 
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="load this Hugging Face checkpoint instead of writing one")
-    ap.add_argument("--preset", default="moe-8x1.5b", help="the shape to write (dropup.model.presets)")
+    from dropup.model.presets import PRESETS
+
+    ap.add_argument("--preset", default="moe-8x1.5b", choices=sorted(PRESETS), help="the shape to write")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoint is written")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint")
