@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Host memory of loading a checkpoint for training (issue 16, item 3): whole model vs meta device.
 
-    python benchmarks/load_memory.py [--checkpoint DIR | --preset moe-8x1.5b] [--device auto|cpu|cuda]
+    python benchmarks/load_memory.py [--checkpoint DIR | --preset moe-8x1.5b [--vocab N]] [--device auto|cpu|cuda]
         [--workdir DIR] [--keep] [--smoke] [--no-results]
 
 Without ``--checkpoint`` it writes a random Hugging Face checkpoint of ``--preset`` (a name of
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from dropup.model.presets import PRESETS
 
     ap.add_argument("--preset", default="moe-8x1.5b", choices=sorted(PRESETS), help="the shape to write")
+    ap.add_argument("--vocab", type=int, help="another vocabulary size (e.g. 99584, train_bench's 8x1.5b-4l)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoint is written")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from dropup.errors import UserError
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    preset, vocab = ("moe-tiny", 512) if args.smoke else (args.preset, None)
+    preset, vocab = ("moe-tiny", args.vocab or 512) if args.smoke else (args.preset, args.vocab)
     root = None
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
