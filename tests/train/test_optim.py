@@ -77,3 +77,27 @@ def test_fused_update_matches_the_eager_one(state_dtype):
     for sf, se in zip(opt_f.state.values(), opt_e.state.values()):
         assert sf["exp_avg"].dtype == state_dtype
         torch.testing.assert_close(sf["exp_avg_sq"].float(), se["exp_avg_sq"].float(), rtol=1e-2, atol=1e-9)
+
+
+def test_fused_update_of_sharded_parameters_updates_the_local_shards(tmp_path):
+    # Under FSDP2 the parameters, gradients and moments are DTensors: the fused update works on
+    # each process's local shard. One process (gloo) with its DTensors against plain tensors.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        w, g = torch.randn(8, 4), torch.randn(8, 4)
+        plain = torch.nn.Parameter(w.clone())
+        sharded = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+        plain.grad, sharded.grad = g.clone(), distribute_tensor(g.clone(), mesh, [Shard(0)])
+        for param in (plain, sharded):
+            opt = AdamW([param], lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16, fused=True)
+            opt.step()
+        assert torch.equal(sharded.full_tensor(), plain.detach())
+        assert not torch.equal(plain.detach(), w)
+    finally:
+        dist.destroy_process_group()

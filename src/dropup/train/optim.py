@@ -64,8 +64,9 @@ class AdamW(torch.optim.Optimizer):
                     # Hyper-parameters as a tensor, so a new learning rate is new data for the
                     # compiled kernel rather than a new constant to compile for.
                     h = torch.tensor([lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t], dtype=torch.float32)
-                    _fused_update()(p.view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
-                                    state["exp_avg_sq"].view(-1), h.to(p.device, non_blocking=True))
+                    # Elementwise, so each process updates its own FSDP2 shard (local tensors).
+                    flat = [_local(t).view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                    _fused_update()(*flat, h.to(p.device, non_blocking=True))
                     continue
                 grad = p.grad.float()
                 m = state["exp_avg"].float().lerp_(grad, 1 - b1)
@@ -96,6 +97,12 @@ def _adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
 
 
 _FUSED = None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _fused_update():
