@@ -12,6 +12,29 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Order and group the tests for `make test`, which runs them on pytest-xdist workers
+    (``-n 2 --dist loadgroup --no-loadscope-reorder``: work is handed out in collection order).
+
+    Modules holding a slow test run first, so that no long test starts last and leaves the other
+    worker idle (longest first: Graham's LPT rule for parallel machines). Under loadgroup a test
+    that uses a module-scoped fixture is grouped with its module, so the fixture is built once, on
+    one worker; the other tests are handed out one by one."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow_first = sorted(modules, key=lambda m: not any(i.get_closest_marker("slow") for i in modules[m]))
+    items[:] = [i for m in slow_first for i in modules[m]]
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 # name -> (config class name, kwargs)
 DENSE_ARCHS = {
     # GQA, untied, linear RoPE scaling
@@ -102,3 +125,16 @@ def cli_fails(capsys, argv, *needles) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def run_timed(cmd: list[str], **kwargs):
+    """``subprocess.run(cmd, **kwargs)`` and the CPU seconds it took. Tests bound CPU time, not wall
+    time: on a shared machine, or beside the other xdist worker, wall time measures the other jobs
+    as well."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(cmd, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
