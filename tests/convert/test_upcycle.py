@@ -379,13 +379,14 @@ def test_outputs_do_not_depend_on_a_c_compiler(wide_llama, tmp_path):
     import subprocess
     import sys
 
+    methods = ("drop", "noise", "scratch")
+    # One process per sampler path (it is chosen once per process), converting with every method.
+    code = ("import sys, dropup\nfor m in sys.argv[3:]:\n    dropup.upcycle(sys.argv[1], f'{sys.argv[2]}/{m}', "
+            "num_experts=4, method=m, progress=False)")
     outs = {}
     for label, extra in (("default", {}), ("numpy", {"DROPUP_GAUSS": "numpy"})):
         out = tmp_path / label
-        code = ("import sys, dropup; dropup.upcycle(sys.argv[1], sys.argv[2], num_experts=4, "
-                "method=sys.argv[3], progress=False)")
-        for method in ("drop", "noise", "scratch"):
-            subprocess.run([sys.executable, "-c", code, str(wide_llama), str(out / method), method],
-                           check=True, env={**os.environ, **extra})
-        outs[label] = {m: _digest(out / m) for m in ("drop", "noise", "scratch")}
+        subprocess.run([sys.executable, "-c", code, str(wide_llama), str(out), *methods],
+                       check=True, env={**os.environ, **extra})
+        outs[label] = {m: _digest(out / m) for m in methods}
     assert outs["default"] == outs["numpy"]
