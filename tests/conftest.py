@@ -27,9 +27,9 @@ def pytest_collection_modifyitems(config, items):
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     slow_first = sorted(modules, key=lambda m: not any(i.get_closest_marker("slow") for i in modules[m]))
     items[:] = [i for m in slow_first for i in modules[m]]
-    if getattr(config.option, "dist", "no") != "loadgroup":
+    if not config.pluginmanager.hasplugin("xdist"):
         return
-    for item in items:
+    for item in items:  # (on a worker, xdist has already reset --dist to "no": mark regardless)
         info = getattr(item, "_fixtureinfo", None)
         if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
