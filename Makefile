@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-# pytest-xdist workers of `make test` (CI has 2 cores); tests/conftest.py orders and groups the work.
+# pytest-xdist workers of `make test` (CI has 2 cores); tests/conftest.py orders the modules.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test bench-convert clean
@@ -19,7 +19,7 @@ demo: $(BIN)/dropup
 	HF_HUB_OFFLINE=1 $(BIN)/dropup demo --out runs/demo
 
 test: $(BIN)/dropup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench-convert: $(BIN)/dropup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/convert_bench.py

@@ -13,26 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Order and group the tests for `make test`, which runs them on pytest-xdist workers
-    (``-n 2 --dist loadgroup --no-loadscope-reorder``: work is handed out in collection order).
-
-    Modules holding a slow test run first, so that no long test starts last and leaves the other
-    worker idle (longest first: Graham's LPT rule for parallel machines). Under loadgroup a test
-    that uses a module-scoped fixture is grouped with its module, so the fixture is built once, on
-    one worker; the other tests are handed out one by one."""
+    """Modules holding a slow test run first. `make test` hands whole modules to its pytest-xdist
+    workers in collection order (``-n 2 --dist loadfile --no-loadscope-reorder``: a module-scoped
+    fixture is built once, on one worker), so no long module starts last and leaves the other
+    worker idle (longest first: Graham's LPT rule for parallel machines)."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     slow_first = sorted(modules, key=lambda m: not any(i.get_closest_marker("slow") for i in modules[m]))
     items[:] = [i for m in slow_first for i in modules[m]]
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:  # (on a worker, xdist has already reset --dist to "no": mark regardless)
-        info = getattr(item, "_fixtureinfo", None)
-        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 # name -> (config class name, kwargs)

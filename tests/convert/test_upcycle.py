@@ -373,6 +373,7 @@ def test_moment_statistics_equal_direct_statistics(dtype, matrix):
         assert fast.std == pytest.approx(direct.std, rel=rel)
 
 
+@pytest.mark.slow  # two Python processes, three conversions each
 def test_outputs_do_not_depend_on_a_c_compiler(wide_llama, tmp_path):
     """The numpy path of the sampler (machines without ``cc``) writes the very same bytes."""
     import os

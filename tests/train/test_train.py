@@ -347,6 +347,7 @@ def reference_run(tmp_path_factory, datasets) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow  # a 40-step trainer subprocess killed, then resumed
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sigkill_and_resume_is_bit_exact(tmp_path, datasets, reference_run):
     config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, datasets))
@@ -371,7 +372,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, datasets, reference_run):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # torchrun: 2 trainer processes, then a resume
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference_run):
     # Same global batch (8) from 2 processes x 2 micro-batches of 2 instead of 1 x 4: FSDP2 over gloo.
@@ -407,6 +408,7 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference
 _CKPT_STAGES = {"tmp": "", "state": "state", "export": ".model.dropup-tmp-*"}
 
 
+@pytest.mark.slow  # each: a trainer subprocess killed mid-checkpoint (up to 3 tries), then resumed
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("stage", list(_CKPT_STAGES))
