@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers of `make test` (CI has 2 cores); tests/conftest.py orders the modules.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench-convert clean
 
@@ -17,7 +19,7 @@ demo: $(BIN)/dropup
 	HF_HUB_OFFLINE=1 $(BIN)/dropup demo --out runs/demo
 
 test: $(BIN)/dropup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench-convert: $(BIN)/dropup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/convert_bench.py

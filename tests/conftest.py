@@ -12,6 +12,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a slow test run first. `make test` hands whole modules to its pytest-xdist
+    workers in collection order (``-n 2 --dist loadfile --no-loadscope-reorder``: a module-scoped
+    fixture is built once, on one worker), so no long module starts last and leaves the other
+    worker idle (longest first: Graham's LPT rule for parallel machines)."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow_first = sorted(modules, key=lambda m: not any(i.get_closest_marker("slow") for i in modules[m]))
+    items[:] = [i for m in slow_first for i in modules[m]]
+
+
 # name -> (config class name, kwargs)
 DENSE_ARCHS = {
     # GQA, untied, linear RoPE scaling
@@ -102,3 +115,16 @@ def cli_fails(capsys, argv, *needles) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def run_timed(cmd: list[str], **kwargs):
+    """``subprocess.run(cmd, **kwargs)`` and the CPU seconds it took. Tests bound CPU time, not wall
+    time: on a shared machine, or beside the other xdist worker, wall time measures the other jobs
+    as well."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(cmd, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -373,19 +373,21 @@ def test_moment_statistics_equal_direct_statistics(dtype, matrix):
         assert fast.std == pytest.approx(direct.std, rel=rel)
 
 
+@pytest.mark.slow  # two Python processes, three conversions each
 def test_outputs_do_not_depend_on_a_c_compiler(wide_llama, tmp_path):
     """The numpy path of the sampler (machines without ``cc``) writes the very same bytes."""
     import os
     import subprocess
     import sys
 
+    methods = ("drop", "noise", "scratch")
+    # One process per sampler path (it is chosen once per process), converting with every method.
+    code = ("import sys, dropup\nfor m in sys.argv[3:]:\n    dropup.upcycle(sys.argv[1], f'{sys.argv[2]}/{m}', "
+            "num_experts=4, method=m, progress=False)")
     outs = {}
     for label, extra in (("default", {}), ("numpy", {"DROPUP_GAUSS": "numpy"})):
         out = tmp_path / label
-        code = ("import sys, dropup; dropup.upcycle(sys.argv[1], sys.argv[2], num_experts=4, "
-                "method=sys.argv[3], progress=False)")
-        for method in ("drop", "noise", "scratch"):
-            subprocess.run([sys.executable, "-c", code, str(wide_llama), str(out / method), method],
-                           check=True, env={**os.environ, **extra})
-        outs[label] = {m: _digest(out / m) for m in ("drop", "noise", "scratch")}
+        subprocess.run([sys.executable, "-c", code, str(wide_llama), str(out), *methods],
+                       check=True, env={**os.environ, **extra})
+        outs[label] = {m: _digest(out / m) for m in methods}
     assert outs["default"] == outs["numpy"]

@@ -197,6 +197,7 @@ def test_a_small_corpus_whose_draws_miss_val_still_gets_a_validation_document(tm
     assert [t.tolist() for t in _docs_of(single, "train")] == ids[:1]
 
 
+@pytest.mark.slow  # 112 MB of JSONL written and prepared
 def test_memory_stays_bounded_on_a_large_input(tmp_path, tokenizer_dir):
     """Peak RSS of a prepare run hardly grows from a 16 MB to a 96 MB input (JSONL whose records
     carry a large non-text field, so the run stays quick on one core). The first ~16 MB warm up
@@ -231,6 +232,7 @@ def test_memory_stays_bounded_on_a_large_input(tmp_path, tokenizer_dir):
     assert peaks[96] - peaks[16] < 20, peaks  # 80 MB more input, under 20 MiB more memory
 
 
+@pytest.mark.slow  # two harvests of the machine's files
 def test_corpus_has_three_domains_and_is_deterministic(tmp_path):
     m1 = build_corpus(CorpusOptions(out=str(tmp_path / "c1"), max_mb=0.15))
     m2 = build_corpus(CorpusOptions(out=str(tmp_path / "c2"), max_mb=0.15))

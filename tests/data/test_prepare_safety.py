@@ -342,6 +342,7 @@ def test_an_output_inside_an_input_directory_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in src.iterdir()) == ["a.jsonl"]
 
 
+@pytest.mark.slow  # a tokenizer trained on 16 MB before the workers it kills start
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_tokenizer_workers_die_with_a_killed_parent(tmp_path):
     """SIGKILL gives the parent no chance to stop its pool: the workers must not live on."""

@@ -112,6 +112,15 @@ _SLOW_UPCYCLE = textwrap.dedent("""
 """)
 
 
+def _as_from_a_shell() -> None:
+    """In the child before exec: SIGINT at its default and no signal blocked, as for a shell's
+    foreground job. The test process may have inherited or set other dispositions (seen under
+    pytest-xdist: the SIGINT case hung, its signal never delivered), and exec keeps SIG_IGN and
+    the mask, so a child would ignore the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def _temporaries(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.dropup-")]
 
@@ -123,7 +132,8 @@ def test_signal_mid_write_removes_the_temporary_and_exits_128_plus_signal(dense_
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_UPCYCLE, "upcycle", str(src), str(out),
                              "--num-experts", "16", "--max-shard-size", "20KB", "--quiet"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_shell)
     try:
         deadline = time.monotonic() + 120
         # The first shard file in the temporary: the writer has started and is now held.

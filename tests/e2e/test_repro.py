@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import run_timed
 
 from dropup.errors import UserError
 from dropup.repro import (CLAIMS, HELD, INCONCLUSIVE, NOT_HELD, PRESETS, judge, run_repro, variant_options,
@@ -104,16 +107,10 @@ def test_verdicts_on_hand_made_numbers():
 
 
 def _repro(out, *extra):
-    """The study as a subprocess, and the CPU seconds it took (on a shared machine wall time
-    measures the other jobs as well)."""
-    import resource
-
+    """The study as a subprocess, and the CPU seconds it took (``run_timed``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run([sys.executable, "-m", "dropup", "repro", "--preset", "cpu-tiny", "--out", str(out), *extra],
-                       env=env, capture_output=True, text=True, timeout=600)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return run_timed([sys.executable, "-m", "dropup", "repro", "--preset", "cpu-tiny", "--out", str(out), *extra],
+                     env=env, capture_output=True, text=True, timeout=600)
 
 
 VARIANT_SET = ("--set", "variant.reinit_stats=matrix")
@@ -122,7 +119,8 @@ VARIANT_SET = ("--set", "variant.reinit_stats=matrix")
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """One cpu-tiny study with a variant, shared: the end-to-end test checks it and resumes it (to
-    the same numbers, asserted), the kill test compares an interrupted study with it."""
+    the same numbers, asserted), the kill test compares an interrupted study with it (starting from
+    its data phase), the seed-model test takes its seed model and datasets as the user's."""
     out = tmp_path_factory.mktemp("repro") / "study"
     r, cpu_seconds = _repro(out, *VARIANT_SET)
     first = json.loads((out / "results.json").read_text()) if r.returncode == 0 else None
@@ -176,12 +174,17 @@ def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path, tiny_st
     the numbers of an uninterrupted run, re-running only the phase that was cut and those after it."""
     import signal
 
-    _, ref, _, first = tiny_study
+    ref_out, ref, _, first = tiny_study
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "killed"
+    # The study starts with the reference's finished data phase (its marker names the reference's
+    # datasets, read only), so the machine's corpus is not harvested a second time.
+    (out / "phases").mkdir(parents=True)
+    for f in ("repro.json", "phases/data.json"):
+        shutil.copy(ref_out / f, out / f)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dropup", "repro", "--preset", "cpu-tiny", "--out", str(out),
-                             *VARIANT_SET],
+                             "--resume", *VARIANT_SET],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the trainer's first log line of the phase: inside it, its marker unwritten
         if line.startswith("== train-noise"):
@@ -197,26 +200,23 @@ def test_cpu_tiny_killed_mid_phase_resumes_to_the_same_numbers(tmp_path, tiny_st
     assert r.returncode == 0, r.stderr[-3000:]
     second = json.loads((out / "results.json").read_text())
     assert second["phases_run_now"][0] == "train-noise" and "train-drop-1.0" not in second["phases_run_now"]
+    assert "data" not in second["phases_run_now"]
     assert second["curves"] == first["curves"]
     assert second["numbers"] == first["numbers"] and second["verdicts"] == first["verdicts"]
 
 
 @pytest.mark.slow
-def test_seed_model_and_given_datasets_replace_the_seed_and_the_corpus(tmp_path):
+def test_seed_model_and_given_datasets_replace_the_seed_and_the_corpus(tmp_path, tiny_study):
     """--seed-model: every MoE starts from the user's dense model (with its tokenizer), and --data
     gives the domains; no corpus is harvested and no seed is trained."""
-    import shutil
-
-    from dropup.pipeline import build_data, dense_init, train_run
-    from dropup.repro import PRESETS
-
-    s = PRESETS["cpu-tiny"].scale
-    # Seed 0: the draws of the cpu-tiny study itself, whose corpus gives every domain a val split.
-    data = build_data(tmp_path / "mine", s, seed=0)
-    vocab = json.loads((data["code"] / "meta.json").read_text())["vocab_size"]
-    seed_model = train_run(tmp_path / "mine" / "pretrain", dense_init(tmp_path / "mine" / "init", s, vocab, 3),
-                           data, s, 6, 3e-3, seed=3)
-    for f in (tmp_path / "mine" / "tokenizer").iterdir():
+    ref_out, ref, _, _ = tiny_study
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # The user's model and datasets: the cpu-tiny study's trained seed, with its tokenizer beside
+    # it, and its prepared domains (a corpus that gives every domain a val split).
+    data = {d: Path(p) for d, p in json.loads((ref_out / "phases" / "data.json").read_text())["data"].items()}
+    seed_model = shutil.copytree(json.loads((ref_out / "phases" / "train-seed.json").read_text())["final"],
+                                 tmp_path / "mine")
+    for f in (ref_out / "tokenizer").iterdir():
         shutil.copy(f, seed_model / f.name)
     out = tmp_path / "study"
     r, _ = _repro(out, "--seed-model", str(seed_model), "--data", *(str(p) for p in data.values()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -17,6 +18,7 @@ from dropup.train.loop import train
 DOCS = [f"item {i}: the {w} entry holds {i * 7}." for i in range(40) for w in ("left", "right")]
 
 
+@pytest.mark.slow  # a routing analysis with its figures at each of 3 checkpoints
 def test_each_checkpoint_is_analysed_and_the_curve_is_logged(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))

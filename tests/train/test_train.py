@@ -331,6 +331,13 @@ def test_non_finite_step_is_skipped_and_a_streak_stops_the_run(tmp_path, dataset
     assert [r["step"] for r in _metrics(run)][-1] == 5
 
 
+def _resume(config: Path) -> Path:
+    """``dropup train --config CONFIG --resume``, in this process: what a resume computes is the
+    trainer's, not the CLI's (one Python start-up less per test); the runs it continues are
+    subprocesses, so that they can be killed."""
+    return train(load_config(config), resume=True)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, datasets) -> Path:
     """An uninterrupted 1-process run (as a subprocess, like the runs compared with it)."""
@@ -340,6 +347,8 @@ def reference_run(tmp_path_factory, datasets) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow  # a 40-step trainer subprocess killed, then resumed
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sigkill_and_resume_is_bit_exact(tmp_path, datasets, reference_run):
     config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, datasets))
     run = tmp_path / "run"
@@ -355,7 +364,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, datasets, reference_run):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "ckpt" / "step_40").exists(), "the run finished before it could be killed"
-    subprocess.run(_cli(config, "--resume"), env=ENV, check=True, capture_output=True, timeout=120)
+    _resume(config)
     ref, got = _metrics(reference_run), _metrics(run)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 41))
     for a, b in zip(ref, got):
@@ -363,6 +372,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, datasets, reference_run):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
 
 
+@pytest.mark.slow  # torchrun: 2 trainer processes, then a resume
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference_run):
     # Same global batch (8) from 2 processes x 2 micro-batches of 2 instead of 1 x 4: FSDP2 over gloo.
     config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, datasets))
@@ -387,7 +398,7 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference
     import shutil
 
     shutil.rmtree(run / "ckpt" / "step_40")
-    subprocess.run(_cli(config, "--resume"), env=ENV, check=True, capture_output=True, timeout=120)
+    _resume(config)
     same(ref, _metrics(run))
 
 
@@ -397,6 +408,8 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, datasets, reference
 _CKPT_STAGES = {"tmp": "", "state": "state", "export": ".model.dropup-tmp-*"}
 
 
+@pytest.mark.slow  # each: a trainer subprocess killed mid-checkpoint (up to 3 tries), then resumed
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("stage", list(_CKPT_STAGES))
 def test_killed_during_a_checkpoint_write_resumes_exactly(tmp_path, datasets, reference_run, sig, stage):
@@ -438,7 +451,7 @@ def test_killed_during_a_checkpoint_write_resumes_exactly(tmp_path, datasets, re
     else:
         assert proc.returncode == -signal.SIGKILL
     assert (run / "ckpt" / "step_10" / "manifest.json").exists()  # the previous checkpoint, whole
-    subprocess.run(_cli(config, "--resume"), env=ENV, check=True, capture_output=True, timeout=120)
+    _resume(config)
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step_30", "step_40"]  # keep_last 2, no leftovers
     ref, got = _metrics(reference_run), _metrics(run)
     assert [r["step"] for r in got] == list(range(1, 41))
