@@ -117,6 +117,13 @@ def cli_fails(capsys, argv, *needles) -> str:
     return lines[0]
 
 
+def upcycle_refused(capsys, src, work, args, *needles) -> None:
+    """``dropup upcycle SRC WORK/out ARGS`` is refused as ``cli_fails`` requires, and the empty
+    directory ``work`` stays empty: nothing written, not even a hidden temporary."""
+    cli_fails(capsys, ["upcycle", str(src), str(work / "out"), "--quiet", *args], *needles)
+    assert list(work.iterdir()) == []
+
+
 def run_timed(cmd: list[str], **kwargs):
     """``subprocess.run(cmd, **kwargs)`` and the CPU seconds it took. Tests bound CPU time, not wall
     time: on a shared machine, or beside the other xdist worker, wall time measures the other jobs

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli_fails, load_tensors
+from conftest import load_tensors, upcycle_refused
 from test_upcycle import _changed_neurons, _digest, _expert, _ffn, _hf, _logits
 
 from dropup import UserError, upcycle
@@ -145,8 +145,7 @@ def test_silent_down_at_r_one_removes_every_ffn(dense_models, tmp_path):
     (["--reinit-down", "zeros", "--method", "naive"], "--reinit-down changes how drop re-draws neurons"),
 ])
 def test_bad_reinit_options(capsys, dense_models, tmp_path, args, says):
-    cli_fails(capsys, ["upcycle", str(dense_models["llama"]), str(tmp_path / "out"), "--quiet", *args], says)
-    assert list(tmp_path.iterdir()) == []
+    upcycle_refused(capsys, dense_models["llama"], tmp_path, args, says)
 
 
 def test_bad_reinit_options_from_python(dense_models, tmp_path):
