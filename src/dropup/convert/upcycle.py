@@ -462,16 +462,15 @@ def _plan(ctx: Context) -> list[tuple[TensorSpec, Callable]]:
         # docs/granular.md has the derivation and the tie condition.
         g = routed_group(o)
         router_key = surgery.derive_seed(o.seed, "router", layer)
+        router = archs.router_name(target, layer)
         if ctx.factor:
             # Expert expansion: each child's row is its parent's, so the m children of a parent
             # form a virtual group as above, of whole experts (docs/expand.md).
-            add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
-                lambda n=archs.router_name(target, layer): surgery.virtual_group_router(
-                    ctx.read(0, n), ctx.factor).to(dt))
+            make_router = lambda n=router: surgery.virtual_group_router(ctx.read(0, n), ctx.factor).to(dt)  # noqa: E731
         else:
-            add(archs.router_name(target, layer), (o.num_experts, shape.hidden),
-                lambda k=router_key: surgery.virtual_group_router(surgery.router_weight(
-                    o.num_experts // g, shape.hidden, o.router_init, o.router_std, k), g).to(dt))
+            make_router = lambda k=router_key: surgery.virtual_group_router(surgery.router_weight(  # noqa: E731
+                o.num_experts // g, shape.hidden, o.router_init, o.router_std, k), g).to(dt)
+        add(router, (o.num_experts, shape.hidden), make_router)
         build_expert = ctx.method.builder(ctx.ratios[layer])
         fused = archs.fused_experts(target, layer)  # GraniteMoE (never granular: GRANULAR_TARGETS)
         for name, matrices in fused.items():
