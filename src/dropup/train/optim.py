@@ -50,6 +50,7 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            hyper: dict[tuple, torch.Tensor] = {}  # the fused update's inputs, one copy per (step, device)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -63,10 +64,12 @@ class AdamW(torch.optim.Optimizer):
                 if self.fused if self.fused is not None else p.is_cuda:
                     # Hyper-parameters as a tensor, so a new learning rate is new data for the
                     # compiled kernel rather than a new constant to compile for.
-                    h = torch.tensor([lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t], dtype=torch.float32)
+                    if (t, p.device) not in hyper:
+                        hyper[t, p.device] = torch.tensor([lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t],
+                                                          dtype=torch.float32).to(p.device)
                     # Elementwise, so each process updates its own FSDP2 shard (local tensors).
-                    flat = [_local(t).view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                    _fused_update()(*flat, h.to(p.device, non_blocking=True))
+                    flat = [_local(x).view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                    _fused_update()(*flat, hyper[t, p.device])
                     continue
                 grad = p.grad.float()
                 m = state["exp_avg"].float().lerp_(grad, 1 - b1)
