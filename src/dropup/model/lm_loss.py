@@ -33,7 +33,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp_min(1).float()
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
+        grad_w = None  # fp32 [V, d], from the first chunk's product on
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = _chunk_step(h.device)
         for start in range(0, h.shape[0], chunk):
@@ -41,8 +41,10 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             loss, g = step(hc, w, safe[start:start + chunk], valid[start:start + chunk], want_grad)
             total += loss
             if want_grad:
-                grad_h[start:start + chunk] = g @ w
-                grad_w += (g.t() @ hc).float()
+                torch.mm(g, w, out=grad_h[start:start + chunk])
+                grad_w = _add_product(grad_w, g.t(), hc)
+        if want_grad and grad_w is None:  # no rows at all
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
@@ -64,9 +66,25 @@ def _ce_chunk(hc, w, targets, valid, want_grad: bool):
     loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
     if not want_grad:
         return loss, None
-    g = (logits - lse[:, None]).exp()
-    g = g.scatter_add(1, targets[:, None], -torch.ones_like(g[:, :1]))
+    # The one-hot as a comparison, not a scatter into the softmax: compiled, the whole gradient
+    # is then one elementwise pass that reads the bf16 logits and writes the bf16 gradient. A
+    # scatter makes the fp32 softmax a buffer of its own, written and read once more (on the
+    # H200 that was most of the chunk's non-matmul time).
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    g = (logits - lse[:, None]).exp() - onehot.float()
     return loss, (g * valid[:, None]).to(hc.dtype)
+
+
+def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in fp32 (``acc`` None: ``a @ b``). On CUDA a low-precision product is
+    accumulated in the GEMM itself (``out_dtype``): no rounded [V, d] product in between, and no
+    separate pass to add it. Elsewhere (that overload is CUDA-only) the product is widened and added."""
+    if a.is_cuda and a.dtype != torch.float32:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    prod = (a @ b).float()
+    return prod if acc is None else acc.add_(prod)
 
 
 _COMPILED_CE_CHUNK = None
