@@ -14,7 +14,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from dropup.analysis.routing import router_metrics  # noqa: E402
 from dropup.hub.config import ModelConfig  # noqa: E402
-from dropup.model.decoder import MoE, build_model  # noqa: E402
+from dropup.model.decoder import MoE, build_model, gather_rows, select_experts  # noqa: E402
 from dropup.model.io import load_model, save_model  # noqa: E402
 from dropup.train.losses import load_balancing_loss, router_z_loss  # noqa: E402
 
@@ -296,6 +296,38 @@ def test_grouped_and_loop_moe_agree(shared):
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-5), n
     assert g1["experts.gate_proj"][5].abs().max() == 0  # the unused expert gets no gradient
+
+
+def test_select_experts_is_topk_with_ties_to_the_lowest_index():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(50, 8, generator=gen).softmax(-1)
+    bias = torch.randn(8, generator=gen) * 0.01
+    for k in (1, 2, 3, 8):
+        for b in (None, bias):
+            scores = probs if b is None else probs + b
+            assert torch.equal(select_experts(probs, b, k), scores.topk(k, dim=-1).indices)
+    tied = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.1, 0.4, 0.1]])
+    assert select_experts(tied, None, 2).tolist() == [[1, 2], [0, 2]]
+    assert select_experts(tied, torch.zeros(4), 3).tolist() == [[1, 2, 3], [0, 2, 1]]
+
+
+@pytest.mark.parametrize("repeats", [1, 2, 3])
+def test_gather_rows_matches_indexing_with_a_gather_backward(repeats):
+    # The routing's dispatch (each token k times, in expert order) and combine (a permutation):
+    # the same values and gradients as plain indexing, whose backward is a scatter-add.
+    gen = torch.Generator().manual_seed(0)
+    n, d = 13, 5
+    order = torch.randperm(n * repeats, generator=gen)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(n * repeats))
+    index = order // repeats if repeats > 1 else order
+    src = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    up = torch.randn(n * repeats, d, generator=gen, dtype=torch.float64)
+    a, b = src.clone().requires_grad_(), src.clone().requires_grad_()
+    got, ref = gather_rows(a, index, back, repeats), b[index]
+    (got * up).sum().backward()
+    (ref * up).sum().backward()
+    assert torch.equal(got, ref)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_grouped_path_in_full_model_matches_transformers(hf_models):

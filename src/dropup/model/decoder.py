@@ -212,9 +212,19 @@ def select_experts(probs: torch.Tensor, bias: torch.Tensor | None, k: int) -> to
     """The experts each token goes to, [N, k], best first: the top-k of the router probabilities
     [N, E] plus the per-expert selection bias [E] (aux-loss-free balancing, DeepSeek-V3, Liu et al.
     2024, after Wang et al. 2024; the probabilities are this architecture's affinity scores).
-    A zero bias leaves the probabilities bit for bit, so the choice is the plain top-k."""
+    A zero bias leaves the probabilities bit for bit, so the choice is the plain top-k.
+
+    k rounds of argmax rather than ``topk``: ties go to the lowest expert index (argmax's
+    documented rule; topk leaves the order of ties unspecified, and copied experts tie exactly),
+    and in a compiled layer the rounds fuse into the routing's own kernel where topk was a
+    kernel of its own per layer and pass."""
     scores = probs if bias is None else probs + bias
-    return scores.topk(k, dim=-1).indices
+    ids = []
+    for _ in range(k):
+        best = scores.argmax(dim=-1, keepdim=True)
+        ids.append(best)
+        scores = scores.scatter(-1, best, float("-inf"))
+    return torch.cat(ids, dim=-1)
 
 
 class MoE(nn.Module):
@@ -291,10 +301,11 @@ class MoE(nn.Module):
         # Everything here stays on the device: no .item(), no bincount (it syncs to size its output).
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
-        token_of = order // k
+        # inverse[i]: where assignment i (token i // k, slot i % k) sits in expert order.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.zeros(e, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-        xs = x[token_of]
+        xs = gather_rows(x, order // k, inverse, k)
 
         dtype = _compute_dtype(x, self.experts.gate_proj)
         impl = self.impl
@@ -315,14 +326,43 @@ class MoE(nn.Module):
                 h = swiglu(F.linear(c, w.gate_proj[i].to(dtype)), F.linear(c, w.up_proj[i].to(dtype)))
                 outs.append(F.linear(h, w.down_proj[i].to(dtype)))
             ys = torch.cat(outs)
-        # Back to (token, slot) order, weight in fp32, sum the k slots. A gather plus a sum instead
-        # of index_add_ keeps the result deterministic on CUDA. The sum is returned in the input's
-        # dtype (fp32 under autocast, where the residual stream is fp32): rounding it to bf16 only
-        # to add it to an fp32 residual is a rounding a compiled layer would skip.
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        ys = ys[inverse].view(n, k, -1)
+        # Back to (token, slot) order, weight in fp32, sum the k slots. The sum is returned in the
+        # input's dtype (fp32 under autocast, where the residual stream is fp32): rounding it to
+        # bf16 only to add it to an fp32 residual is a rounding a compiled layer would skip.
+        ys = gather_rows(ys, inverse, order, 1).view(n, k, -1)
         out = (ys.float() * weights[..., None]).sum(dim=1)
         return out.to(x.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``src[index]`` where every row of ``src`` is taken exactly ``repeats`` times, and
+    ``back[j]`` lists, in ``src`` row order, where those copies went (row r's copies are
+    ``back[r * repeats : (r + 1) * repeats]``). The backward is then a gather and a sum too.
+
+    Autograd's own backward of ``src[index]`` is a scatter-add (index_put with accumulate):
+    atomic adds on CUDA, so the routing's gradients were not deterministic there, and a
+    zero-filled buffer besides. Knowing the routing is a permutation (or k copies of each
+    token) turns it into a gather, which is deterministic everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, src, index, back, repeats: int):
+        ctx.save_for_backward(back)
+        ctx.repeats = repeats
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        g = grad.index_select(0, back)
+        if ctx.repeats > 1:  # summed in the gradient's dtype: fp32 for the fp32 residual stream
+            g = g.view(-1, ctx.repeats, grad.shape[-1]).sum(dim=1)
+        return g, None, None, None
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, back: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``src[index]`` with a gather for its backward (see ``_GatherRows``)."""
+    return _GatherRows.apply(src, index, back, repeats)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
