@@ -15,7 +15,8 @@ memory, model TFLOP/s with the issue's formula
 
 and that rate as a fraction of the bf16 matmul ceiling measured in the same run (8192^3).
 Contenders: dropup eager, dropup with per-layer torch.compile, torchtitan (its Qwen3 model classes
-in its own compiled configuration, see peers.py; skipped with a note when it is not installed),
+in its own compiled configuration) and OLMo-core (its OLMoE-style model classes, compiled as its
+trainer does; see peers.py for both; each skipped when not installed),
 transformers (Llama with sdpa for dense; Mixtral with each experts implementation it offers for
 MoE). The FLOPs of every contender come from the formula above, so the rates compare work done.
 
@@ -313,12 +314,15 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
     if not args.no_compile:
         rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
                                   args.warmup))
-    if not args.no_peers and "torchtitan" in peers.peer_versions():
+    if not args.no_peers:
         seq = SEQ if device.type == "cuda" else 64
         compiled = not args.no_compile
-        label = f"torchtitan {peers.peer_versions()['torchtitan']} ({'compiled' if compiled else 'eager'})"
-        rows.append(run_contender(label, lambda: peers.torchtitan_model(shape, seq, device, compiled),
-                                  shape, device, args.steps, args.warmup))
+        installed = peers.peer_versions()
+        for dist, build in peers.PEERS.items():
+            if dist in installed:
+                label = f"{peers.label(dist)} {installed[dist]} ({'compiled' if compiled else 'eager'})"
+                rows.append(run_contender(label, lambda build=build: build(shape, seq, device, compiled),
+                                          shape, device, args.steps, args.warmup))
     if not args.no_hf:
         impls = ["eager", "grouped_mm", "batched_mm"] if moe else [None]
         for impl in impls:
@@ -388,9 +392,10 @@ def profile_step(sname, shape, device, out_dir) -> None:
         return model, dropup_step_fn(model, shape[0]), None
 
     makers = {"dropup": dropup_make}
-    if "torchtitan" in peers.peer_versions():
-        seq = SEQ if device.type == "cuda" else 64
-        makers["torchtitan"] = lambda: peers.torchtitan_model(shape, seq, device, True)
+    seq = SEQ if device.type == "cuda" else 64
+    for dist, build in peers.PEERS.items():
+        if dist in peers.peer_versions():
+            makers[peers.label(dist)] = lambda build=build: build(shape, seq, device, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     for who, make in makers.items():
@@ -417,7 +422,7 @@ def versions() -> dict:
     return v
 
 
-PEER_PREFIXES = ("torchtitan", "olmo-core")  # the peers issue 16 measures dropup against
+PEER_PREFIXES = tuple(peers.label(dist) for dist in peers.PEERS)  # the peers issue 16 measures dropup against
 
 
 def best_of(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
@@ -485,7 +490,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument("--no-peers", action="store_true", help="skip torchtitan")
+    ap.add_argument("--no-peers", action="store_true", help="skip torchtitan and OLMo-core")
     ap.add_argument("--no-eager", action="store_true", help="skip dropup eager")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--full-8x1.5b", action="store_true", dest="full")
