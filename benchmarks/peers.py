@@ -11,6 +11,27 @@ load-balancing loss; it balances with per-expert selection biases (aux-loss-free
 ``load_balance_coeff`` 1e-3), updated before each optimizer step as its
 ``build_optimizers_with_moe_load_balancing`` hook does, so that bookkeeping is timed too.
 
+OLMo-core (AllenAI's OLMo/OLMoE trainer), release 3.0.0: the newest on PyPI and one that allows
+torch 2.11 (it requires torch >= 2.10, < 2.14). Its ``TransformerConfig.llama_like`` model classes,
+configured Llama/Mixtral-style (pre-norm blocks, RMSNorm eps 1e-5, RoPE theta 10000, no QK-norm,
+no biases, untied embeddings, SDPA attention, SwiGLU of width d_f); the dense twins are its
+``Transformer``, the MoE models its ``MoETransformer`` with its dropless MoE (the one its OLMoE
+configurations use): softmax router, top-2, weights renormalised (``normalize_expert_weights=1``),
+load-balancing loss weight 0.02 divided among the layers (its default), no z-loss. Its balancing
+loss is sum_i f_i P_i per layer, 1/E of the Switch/Mixtral E * sum_i f_i P_i that dropup uses, so
+at the same weight it pulls 8 times less. OLMo-core 3.0.0's newer fused MoE ("moe_fused_v2",
+``torch.nn.functional.grouped_mm`` experts) was not used: its token permutation calls
+TransformerEngine (``moe_permute``), whose PyTorch extension is built from source against the
+installed torch and is not on the GPU machine. The dropless MoE's
+expert matmuls use the ``grouped_gemm`` CUDA extension when it is installed and otherwise OLMo-core's
+own fallback, one matmul per expert (it warns it is "substantially slower"); its token gather and
+scatter are Triton kernels, so it runs on CUDA only. Compiled with its own ``apply_compile`` (each
+block and the LM head, not fullgraph; the MoE's permutation and expert matmuls stay outside
+torch.compile by its design). The loss is its LM head's own (summed CE over the tokens, as its
+train module calls it); the router's load-balancing losses reach the gradient through its autograd
+hook, and their value is added to the returned loss. ``pre_step`` is its train module's per-batch
+bookkeeping (``post_batch``, then the router metrics computed and reset).
+
 Each builder returns ``(model, step_fn, pre_step)``: ``step_fn(x, y)`` gives the loss and
 ``pre_step()`` (or None) runs before ``optimizer.step()``.
 """
@@ -26,7 +47,7 @@ E, K = 8, 2
 
 def peer_versions() -> dict:
     out = {}
-    for dist in ("torchtitan", "ai2-olmo-core"):
+    for dist in PEERS:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -75,3 +96,60 @@ def torchtitan_model(shape: tuple, seq: int, device, compiled: bool):
             m.tokens_per_expert.zero_()
 
     return model, step, pre_step if moes else None
+
+
+def olmo_core_model(shape: tuple, seq: int, device, compiled: bool):
+    from olmo_core.nn.attention import AttentionBackendName
+    from olmo_core.nn.feed_forward import FeedForwardConfig
+    from olmo_core.nn.moe import MoEConfig, MoERouterConfig, MoEType
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig, TransformerType
+
+    moe, layers, h, d_f, heads, kv, vocab, _ = shape
+    if moe:
+        # normalize_expert_weights=1.0 divides the top-k softmax weights by their L1 norm: Mixtral's
+        # renormalised top-2. The load-balancing weight is shared out among the layers (its
+        # default scale_loss_by_num_layers), so the total is 0.02 times the layers' mean, as in
+        # dropup. OLMo-core's router adds its aux losses to the gradient only (an autograd hook
+        # on the routed activations), not to the returned loss.
+        block = dict(name=TransformerType.moe, block_name=TransformerBlockType.moe,
+                     feed_forward_moe=MoEConfig(
+                         name=MoEType.dropless, num_experts=E, hidden_size=d_f,
+                         router=MoERouterConfig(top_k=K, normalize_expert_weights=1.0),
+                         lb_loss_weight=0.02, z_loss_weight=None))
+    else:
+        block = dict(feed_forward=FeedForwardConfig(hidden_size=d_f, bias=False))
+    config = TransformerConfig.llama_like(
+        d_model=h, vocab_size=vocab, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+        layer_norm_eps=1e-5, rope_theta=10000, qk_norm=False, attn_backend=AttentionBackendName.torch,
+        **block)
+    torch.manual_seed(0)
+    model = config.build(init_device="meta")  # its trainer's construction: meta, then init
+    model.init_weights(device=device, max_seq_len=seq)
+    model.train()
+    if compiled:
+        model.apply_compile()
+
+    routers = [b.feed_forward_moe.router for b in model.blocks.values() if b.is_moe]
+
+    def step(x, y):
+        # As its train module calls it: summed CE divided by the tokens, through the LM head's loss.
+        out = model(x, labels=y, loss_reduction="sum", loss_div_factor=y.numel())
+        # The weighted load-balancing losses this step accumulated, for the value only (their
+        # gradient already flows through OLMo-core's hook).
+        aux = sum(r.lb_loss_weight * r.load_balancing_loss for r in routers)
+        return out.loss + aux
+
+    def pre_step():  # its train module's per-batch bookkeeping before the optimizer step
+        model.post_batch()
+        model.compute_auxiliary_metrics(reset=True)
+
+    return model, step, pre_step if routers else None
+
+
+# distribution name -> builder, in the order of the table's rows
+PEERS = {"torchtitan": torchtitan_model, "ai2-olmo-core": olmo_core_model}
+
+
+def label(dist: str) -> str:
+    """A peer's name in the table: its distribution's name, less the "ai2-" of OLMo-core's."""
+    return dist.removeprefix("ai2-")

@@ -3,8 +3,8 @@
 transformers, same run.
 
     python benchmarks/train_bench.py [--shapes 8x152m,152m,8x1.5b-4l,1.5b-4l] [--steps 10]
-        [--warmup 3] [--no-hf] [--no-peers] [--no-eager] [--no-compile] [--accum N] [--profile]
-        [--full-8x1.5b] [--out DIR] [--smoke]
+        [--warmup 3] [--no-hf] [--no-peers | --peers torchtitan,olmo-core] [--no-eager]
+        [--no-compile] [--accum N] [--profile] [--full-8x1.5b] [--out DIR] [--smoke]
 
 For each shape it trains with the paper's recipe (bf16 autocast over fp32 master weights, fused
 AdamW (0.9, 0.95, eps 1e-8, wd 0.1), gradient clipping 1.0, load-balancing loss 0.02 for MoE) on
@@ -15,7 +15,8 @@ memory, model TFLOP/s with the issue's formula
 
 and that rate as a fraction of the bf16 matmul ceiling measured in the same run (8192^3).
 Contenders: dropup eager, dropup with per-layer torch.compile, torchtitan (its Qwen3 model classes
-in its own compiled configuration, see peers.py; skipped with a note when it is not installed),
+in its own compiled configuration) and OLMo-core (its OLMoE-style model classes, compiled as its
+trainer does; see peers.py for both; each skipped when not installed),
 transformers (Llama with sdpa for dense; Mixtral with each experts implementation it offers for
 MoE). The FLOPs of every contender come from the formula above, so the rates compare work done.
 
@@ -324,12 +325,15 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
         rows.append(run_contender(f"dropup ({how}), {args.accum} micro-batches per optimizer step",
                                   dropup_maker(not args.no_compile), shape, device, args.steps,
                                   args.warmup, accum=args.accum))
-    if not args.no_peers and "torchtitan" in peers.peer_versions():
+    if not args.no_peers:
         seq = SEQ if device.type == "cuda" else 64
         compiled = not args.no_compile
-        label = f"torchtitan {peers.peer_versions()['torchtitan']} ({'compiled' if compiled else 'eager'})"
-        rows.append(run_contender(label, lambda: peers.torchtitan_model(shape, seq, device, compiled),
-                                  shape, device, args.steps, args.warmup))
+        installed = peers.peer_versions()
+        for dist, build in peers.PEERS.items():
+            if dist in installed and peers.label(dist) in args.peers:
+                label = f"{peers.label(dist)} {installed[dist]} ({'compiled' if compiled else 'eager'})"
+                rows.append(run_contender(label, lambda build=build: build(shape, seq, device, compiled),
+                                          shape, device, args.steps, args.warmup))
     if not args.no_hf:
         impls = ["eager", "grouped_mm", "batched_mm"] if moe else [None]
         for impl in impls:
@@ -387,7 +391,7 @@ def full_8x15b_probe(device, args) -> list[dict]:
     return out
 
 
-def profile_step(sname, shape, device, out_dir, peers_too: bool = True) -> None:
+def profile_step(sname, shape, device, out_dir, peers_too: tuple[str, ...] = ()) -> None:
     """Top kernels of two compiled training steps (after warm-up) of dropup and of each installed
     peer, printed and saved: where the time goes when one is faster than the other."""
     from torch.profiler import ProfilerActivity, profile
@@ -399,9 +403,10 @@ def profile_step(sname, shape, device, out_dir, peers_too: bool = True) -> None:
         return model, dropup_step_fn(model, shape[0]), None
 
     makers = {"dropup": dropup_make}
-    if peers_too and "torchtitan" in peers.peer_versions():
-        seq = SEQ if device.type == "cuda" else 64
-        makers["torchtitan"] = lambda: peers.torchtitan_model(shape, seq, device, True)
+    seq = SEQ if device.type == "cuda" else 64
+    for dist, build in peers.PEERS.items():
+        if dist in peers.peer_versions() and peers.label(dist) in peers_too:
+            makers[peers.label(dist)] = lambda build=build: build(shape, seq, device, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # Self time: each kernel (and each op's own host work) once, not again in every parent op.
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -429,7 +434,7 @@ def versions() -> dict:
     return v
 
 
-PEER_PREFIXES = ("torchtitan", "olmo-core")  # the peers issue 16 measures dropup against
+PEER_PREFIXES = tuple(peers.label(dist) for dist in peers.PEERS)  # the peers issue 16 measures dropup against
 
 
 def best_of(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
@@ -503,7 +508,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument("--no-peers", action="store_true", help="skip torchtitan")
+    ap.add_argument("--no-peers", action="store_true", help="skip torchtitan and OLMo-core")
+    ap.add_argument("--peers", default=",".join(peers.label(d) for d in peers.PEERS),
+                    help="comma-separated peers to run where installed (default: all)")
     ap.add_argument("--no-eager", action="store_true", help="skip dropup eager")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--accum", type=int, default=0, help="also time dropup with this many "
@@ -516,6 +523,7 @@ def main() -> int:
     ap.add_argument("--check-only", action="store_true", help="run the fast-path checks, no timing")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    args.peers = tuple(args.peers.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shapes = SMOKE if args.smoke else SHAPES
     names = [s for s in args.shapes.split(",") if s in shapes]
@@ -535,7 +543,7 @@ def main() -> int:
     if args.profile:
         for sname in names:
             if shapes[sname][0]:
-                profile_step(sname, shapes[sname], device, args.out, peers_too=not args.no_peers)
+                profile_step(sname, shapes[sname], device, args.out, () if args.no_peers else args.peers)
     if args.full and not args.smoke:
         rows.extend(full_8x15b_probe(device, args))
     text = [f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: train_bench",

@@ -1,14 +1,17 @@
 """benchmarks/train_bench.py: the script runs (``--smoke``, CPU) and its issue-16 target lines say
-met or MISSED from the numbers (hand-made rows), so a GPU run's verdicts can be trusted."""
+met or MISSED from the numbers (hand-made rows), so a GPU run's verdicts can be trusted; OLMo-core's
+builder (peers.py) makes the configured model where OLMo-core is installed (the GPU machine)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -57,6 +60,51 @@ def test_targets_are_judged_from_the_measured_numbers(train_bench):
     table = train_bench.table(rows, 800.0)
     assert "| 8x152m | dropup (compiled) | 120 |" in table and "| 1.20x |" in table  # vs best peer
     assert "| 0.60x |" in table  # vs best transformers
+
+
+def test_an_olmo_core_row_counts_as_a_peer(train_bench):
+    rows = [_row("8x152m", "dropup (compiled)", 120.0, 300.0),
+            _row("8x152m", "torchtitan 0.2.2 (compiled)", 80.0, 200.0),
+            _row("8x152m", "olmo-core 3.0.0 (compiled)", 110.0, 275.0)]
+    lines = train_bench.targets(rows, ceiling=800.0)
+    assert "- 8x152m dropup / best peer tokens/s: 1.09x (target >= 1.15x): MISSED" in lines  # 120 / 110
+
+
+def test_olmo_core_builds_the_benchmark_configuration():
+    """Where OLMo-core is installed: the dense twin trains a step on the CPU with the configured
+    parameter count (untied, no biases, SwiGLU of width d_f); the MoE has 8 experts of width d_f,
+    its router top-2 renormalised with load-balancing weight 0.02 and no z-loss. Its MoE's
+    gather/scatter are Triton kernels, so the MoE step runs only on CUDA."""
+    pytest.importorskip("olmo_core")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(BENCH))
+    L, h, d_f, V = 2, 64, 128, 512
+    norms = (2 * L + 1) * h
+    attention, ffn, embed = 4 * h * h, 3 * h * d_f, 2 * h * V
+    model, step, pre = peers.olmo_core_model((False, L, h, d_f, 4, 4, V, 2), 64, torch.device("cpu"), False)
+    assert pre is None and sum(p.numel() for p in model.parameters()) == L * (attention + ffn) + embed + norms
+    x = torch.randint(0, V, (2, 65), generator=torch.Generator().manual_seed(0))
+    loss = step(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert abs(loss.item() - math.log(V)) < 0.1  # about ln V at initialisation
+    assert all(p.grad is not None for p in model.parameters())
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, step, pre = peers.olmo_core_model((True, L, h, d_f, 4, 4, V, 2), 64, device, False)
+    assert sum(p.numel() for p in model.parameters()) == L * (attention + 8 * ffn + 8 * h) + embed + norms
+    router = model.blocks["0"].feed_forward_moe.router
+    # 0.02 in all: OLMo-core divides the weight among the layers (its scale_loss_by_num_layers)
+    assert (router.top_k, router.normalize_expert_weights) == (2, 1.0)
+    assert (router.lb_loss_weight * L, router.z_loss_weight) == (0.02, None)
+    if device.type == "cuda":
+        x = x.to(device)
+        loss = step(x[:, :-1], x[:, 1:])
+        loss.backward()
+        pre()
+        assert math.isfinite(loss.item()) and loss.item() > math.log(V) - 0.1
 
 
 def test_smoke_run_of_the_script(tmp_path):
