@@ -45,14 +45,33 @@ import torch
 E, K = 8, 2
 
 
-def peer_versions() -> dict:
+def _versions(dists) -> dict:
     out = {}
-    for dist in PEERS:
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def peer_versions() -> dict:
+    return _versions(PEERS)
+
+
+# Compiled extensions a peer's fastest path needs; recorded with the versions of a run.
+EXTENSIONS = ("grouped_gemm",)
+
+
+def extension_versions() -> dict:
+    return _versions(EXTENSIONS)
+
+
+def caveat(dist: str, moe: bool) -> str:
+    """What the table must say beside a peer's row when it did not run its fastest path."""
+    if dist == "ai2-olmo-core" and moe and "grouped_gemm" not in extension_versions():
+        return "; no grouped_gemm: its per-expert fallback"
+    return ""
 
 
 def torchtitan_model(shape: tuple, seq: int, device, compiled: bool):

@@ -314,13 +314,15 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
             return model, dropup_step_fn(model, moe)
         return make
 
-    if not args.no_eager:
+    if args.no_dropup:
+        pass
+    elif not args.no_eager:
         rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps,
                                   args.warmup))
-    if not args.no_compile:
+    if not args.no_compile and not args.no_dropup:
         rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
                                   args.warmup))
-    if args.accum > 1:
+    if args.accum > 1 and not args.no_dropup:
         how = "eager" if args.no_compile else "compiled"
         rows.append(run_contender(f"dropup ({how}), {args.accum} micro-batches per optimizer step",
                                   dropup_maker(not args.no_compile), shape, device, args.steps,
@@ -331,7 +333,8 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
         installed = peers.peer_versions()
         for dist, build in peers.PEERS.items():
             if dist in installed and peers.label(dist) in args.peers:
-                label = f"{peers.label(dist)} {installed[dist]} ({'compiled' if compiled else 'eager'})"
+                label = (f"{peers.label(dist)} {installed[dist]} ({'compiled' if compiled else 'eager'}"
+                         f"{peers.caveat(dist, moe)})")
                 rows.append(run_contender(label, lambda build=build: build(shape, seq, device, compiled),
                                           shape, device, args.steps, args.warmup))
     if not args.no_hf:
@@ -427,7 +430,7 @@ def versions() -> dict:
     import transformers
 
     v = {"python": platform.python_version(), "torch": torch.__version__,
-         "transformers": transformers.__version__, **peers.peer_versions()}
+         "transformers": transformers.__version__, **peers.peer_versions(), **peers.extension_versions()}
     if torch.cuda.is_available():
         v["device"] = torch.cuda.get_device_name()
         v["cuda"] = torch.version.cuda
@@ -512,6 +515,8 @@ def main() -> int:
     ap.add_argument("--peers", default=",".join(peers.label(d) for d in peers.PEERS),
                     help="comma-separated peers to run where installed (default: all)")
     ap.add_argument("--no-eager", action="store_true", help="skip dropup eager")
+    ap.add_argument("--no-dropup", action="store_true", help="skip dropup's rows (the fast-path checks "
+                    "still run): a peer's rows added to an earlier run on the same machine")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--accum", type=int, default=0, help="also time dropup with this many "
                     "micro-batches per optimizer step, as a run with a large global batch has them "
