@@ -13,8 +13,8 @@ load-balancing loss; it balances with per-expert selection biases (aux-loss-free
 
 OLMo-core (AllenAI's OLMo/OLMoE trainer), release 3.0.0: the newest on PyPI and one that allows
 torch 2.11 (it requires torch >= 2.10, < 2.14). Its ``TransformerConfig.llama_like`` model classes,
-configured Llama/Mixtral-style (pre-norm blocks, RMSNorm eps 1e-5, RoPE theta 10000, no QK-norm,
-no biases, untied embeddings, SDPA attention, SwiGLU of width d_f); the dense twins are its
+configured Llama/Mixtral-style (pre-norm blocks, RMSNorm eps 1e-5, RoPE theta 10000, no QK-norm, no
+biases, untied embeddings, SDPA attention, SwiGLU of width d_f); the dense twins are its
 ``Transformer``, the MoE models its ``MoETransformer`` with its dropless MoE (the one its OLMoE
 configurations use): softmax router, top-2, weights renormalised (``normalize_expert_weights=1``),
 load-balancing loss weight 0.02 divided among the layers (its default), no z-loss. Its balancing
@@ -22,15 +22,18 @@ loss is sum_i f_i P_i per layer, 1/E of the Switch/Mixtral E * sum_i f_i P_i tha
 at the same weight it pulls 8 times less. OLMo-core 3.0.0's newer fused MoE ("moe_fused_v2",
 ``torch.nn.functional.grouped_mm`` experts) was not used: its token permutation calls
 TransformerEngine (``moe_permute``), whose PyTorch extension is built from source against the
-installed torch and is not on the GPU machine. The dropless MoE's
-expert matmuls use the ``grouped_gemm`` CUDA extension when it is installed and otherwise OLMo-core's
-own fallback, one matmul per expert (it warns it is "substantially slower"); its token gather and
-scatter are Triton kernels, so it runs on CUDA only. Compiled with its own ``apply_compile`` (each
-block and the LM head, not fullgraph; the MoE's permutation and expert matmuls stay outside
-torch.compile by its design). The loss is its LM head's own (summed CE over the tokens, as its
-train module calls it); the router's load-balancing losses reach the gradient through its autograd
-hook, and their value is added to the returned loss. ``pre_step`` is its train module's per-batch
-bookkeeping (``post_batch``, then the router metrics computed and reset).
+installed torch and is not on the GPU machine. The dropless MoE's expert matmuls use the
+``grouped_gemm`` CUDA extension when it is installed and otherwise OLMo-core's own fallback, one
+matmul per expert (it warns it is "substantially slower"; the row then says so, ``caveat``); its
+token gather and scatter are Triton kernels, so it runs on CUDA only. ``grouped_gemm`` (0.3.0) has
+no wheel; benchmarks/peers_on_device.sh builds it on the GPU machine with
+``GROUPED_GEMM_CUTLASS=1``, the backend that takes the per-expert counts as a GPU tensor, as
+OLMo-core passes them (the default cuBLAS backend refuses them). Compiled with its own
+``apply_compile`` (each block and the LM head, not fullgraph; the MoE's permutation and expert
+matmuls stay outside torch.compile by its design). The loss is its LM head's own (summed CE over
+the tokens, as its train module calls it); the router's load-balancing losses reach the gradient
+through its autograd hook, and their value is added to the returned loss. ``pre_step`` is its train
+module's per-batch bookkeeping (``post_batch``, then the router metrics computed and reset).
 
 Each builder returns ``(model, step_fn, pre_step)``: ``step_fn(x, y)`` gives the loss and
 ``pre_step()`` (or None) runs before ``optimizer.step()``.
