@@ -349,29 +349,67 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
     return rows
 
 
-# (AdamW moment dtype, activation checkpointing, micro-batch, compiled one-kernel AdamW update),
-# in order; a setting that runs out of memory ends its group (same dtype and checkpointing).
+# Groups of (AdamW moment dtype, activation checkpointing, first micro-batch, compiled one-kernel
+# AdamW update, double?). A doubling group runs micro-batch m, 2m, 4m, ... until one runs out of
+# memory or passes FULL_MAX_MB, so its last row that ran is the largest power-of-two micro-batch
+# that fits with that setting. Starting points from the 2026-12-03 probe (RESULTS.md).
 FULL_PROBE = [
-    (torch.bfloat16, "none", 4, False),  # the eager optimizer, for the fused update's gain
-    (torch.bfloat16, "none", 4, True),
-    (torch.bfloat16, "selective", 8, True),
-    (torch.bfloat16, "full", 8, True),
-    (torch.bfloat16, "full", 16, True),
-    (torch.float32, "full", 1, True),
-    (torch.float32, "full", 2, True),
+    (torch.bfloat16, "none", 4, False, False),  # the eager optimizer, for the fused update's gain
+    (torch.bfloat16, "none", 4, True, True),
+    (torch.bfloat16, "selective", 8, True, True),
+    (torch.bfloat16, "full", 16, True, True),
+    (torch.float32, "none", 1, True, True),
+    (torch.float32, "selective", 1, True, True),
+    (torch.float32, "full", 2, True, True),
 ]
+FULL_MAX_MB = 64
+
+
+def probe_groups(groups, run, max_mb: int = FULL_MAX_MB) -> list[dict]:
+    """``run(state_dtype, ac, mb, fused)`` for each group's micro-batches (see FULL_PROBE)."""
+    out = []
+    for state_dtype, ac, mb, fused, double in groups:
+        while True:
+            r = run(state_dtype, ac, mb, fused)
+            r.update(moments=str(state_dtype).removeprefix("torch."), checkpointing=ac, micro_batch=mb,
+                     fused_update=fused)
+            out.append(r)
+            if "error" in r or not double or 2 * mb > max_mb:
+                break
+            mb *= 2
+    return out
+
+
+def largest_fitting(rows: list[dict], max_mb: int = FULL_MAX_MB) -> list[str]:
+    """Per AdamW moment dtype, the largest micro-batch that ran, with which checkpointing, and
+    whether twice that ran out of memory (so it is the largest power of two) or was not tried."""
+    lines = []
+    for moments in ("bfloat16", "float32"):
+        ran = [r for r in rows if r.get("moments") == moments and "error" not in r]
+        if not any(r.get("moments") == moments for r in rows):
+            continue
+        if not ran:
+            lines.append(f"- largest micro-batch that fits, {moments} AdamW moments: none of those tried")
+            continue
+        best = max(ran, key=lambda r: r["micro_batch"])
+        mb, ac = best["micro_batch"], best["checkpointing"]
+        oom = any(r.get("moments") == moments and r["checkpointing"] == ac and r["micro_batch"] == 2 * mb
+                  and "error" in r for r in rows)
+        why = f"{2 * mb} ran out of memory" if oom else f"{2 * mb} not tried (the probe stops at {max_mb})"
+        lines.append(f"- largest micro-batch that fits, {moments} AdamW moments: {mb} "
+                     f"(checkpointing {ac}, {best['peak_gib']:.1f} GiB; {why})")
+    return lines
 
 
 def full_8x15b_probe(device, args) -> list[dict]:
     """Does the full 24-layer 8x1.5B (paper shape) train on one GPU, at which micro-batch and
     speed? With fp32 AdamW moments (143 GB of weights, gradients and moments) and with bf16
-    moments (107 GB), without and with activation checkpointing."""
+    moments (107 GB), without and with activation checkpointing; ``--full-groups`` picks groups
+    of FULL_PROBE by index (a whole probe is longer than one 10-minute device command)."""
     shape = (True, 24, 2048, 7168, 16, 8, 48640, 1)
-    out, failed = [], set()
-    for state_dtype, ac, mb, fused in FULL_PROBE:
-        group = (state_dtype, ac)
-        if group in failed:
-            continue
+    groups = [g for i, g in enumerate(FULL_PROBE) if args.full_groups is None or i in args.full_groups]
+
+    def run(state_dtype, ac, mb, fused):
         s = shape[:7] + (mb,)
         cfg_hf = hf_config("8x1.5b", s)
 
@@ -387,11 +425,10 @@ def full_8x15b_probe(device, args) -> list[dict]:
                  f"checkpointing {ac}, micro-batch {mb}")
         r = run_contender(label, make, s, device, 3, 2, state_dtype, fused=fused)
         r["shape"] = "8x1.5b (24 layers)"
-        out.append(r)
         print(json.dumps(r), flush=True)
-        if "error" in r:
-            failed.add(group)
-    return out
+        return r
+
+    return probe_groups(groups, run)
 
 
 def profile_step(sname, shape, device, out_dir, peers_too: tuple[str, ...] = ()) -> None:
@@ -522,6 +559,8 @@ def main() -> int:
                     "micro-batches per optimizer step, as a run with a large global batch has them "
                     "(for information: issue 16's targets are measured at one per step)")
     ap.add_argument("--full-8x1.5b", action="store_true", dest="full")
+    ap.add_argument("--full-groups", default=None, type=lambda v: {int(i) for i in v.split(",")},
+                    help="with --full-8x1.5b: comma-separated indices into FULL_PROBE (default all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (tests the script)")
     ap.add_argument("--profile", action="store_true", help="profile the compiled step of each MoE shape "
                     "(dropup, and the peers unless --no-peers)")
@@ -558,7 +597,8 @@ def main() -> int:
             f"- sequence {SEQ if device.type == 'cuda' else 64}; steps timed {args.steps} after {args.warmup} warm-up; median",
             "- fast-path checks (grouped+compiled vs per-expert eager reference, both bf16 autocast; relative error, limit 1e-2; bf16_vs_fp32 for information): "
             + "; ".join(f"{k}: {json.dumps(v)}" for k, v in checks.items()), "",
-            table(rows, ceiling), "", "Issue 16 targets measured in this run:", *targets(rows, ceiling), ""]
+            table(rows, ceiling), "", "Issue 16 targets measured in this run:", *targets(rows, ceiling),
+            *largest_fitting(rows), ""]
     out = "\n".join(text)
     print(out)
     Path(args.out).mkdir(parents=True, exist_ok=True)

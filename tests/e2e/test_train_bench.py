@@ -121,3 +121,39 @@ def test_smoke_run_of_the_script(tmp_path):
     for shape in ("8x152m", "152m"):  # twice the tokens per optimizer step, counted as such
         assert accum[shape]["tokens_per_s"] == pytest.approx(2 * 64 * 2 / accum[shape]["step_s"])
         assert eager[shape]["tokens_per_s"] == pytest.approx(2 * 64 / eager[shape]["step_s"])
+
+
+def test_full_probe_doubles_until_out_of_memory_and_names_the_largest(train_bench):
+    import torch
+
+    limit = {("bfloat16", "none"): 4, ("bfloat16", "full"): 16, ("float32", "full"): 2,
+             ("float32", "none"): 0}  # the largest micro-batch that "fits" in this fake GPU
+    calls = []
+
+    def run(state_dtype, ac, mb, fused):
+        calls.append((str(state_dtype).removeprefix("torch."), ac, mb))
+        if mb > limit[calls[-1][0], ac]:
+            return {"contender": "x", "error": "out of memory: CUDA"}
+        return {"contender": "x", "tokens_per_s": 1.0, "step_s": 1.0, "peak_gib": 10.0 + mb, "tflops": 1.0}
+
+    groups = [(torch.bfloat16, "none", 4, False, False), (torch.bfloat16, "none", 4, True, True),
+              (torch.bfloat16, "full", 8, True, True), (torch.float32, "none", 1, True, True),
+              (torch.float32, "full", 1, True, True)]
+    rows = train_bench.probe_groups(groups, run, max_mb=64)
+    assert calls == [("bfloat16", "none", 4), ("bfloat16", "none", 4), ("bfloat16", "none", 8),
+                     ("bfloat16", "full", 8), ("bfloat16", "full", 16), ("bfloat16", "full", 32),
+                     ("float32", "none", 1), ("float32", "full", 1), ("float32", "full", 2),
+                     ("float32", "full", 4)]
+    assert [r["micro_batch"] for r in rows] == [c[2] for c in calls]
+    assert train_bench.largest_fitting(rows, max_mb=64) == [
+        "- largest micro-batch that fits, bfloat16 AdamW moments: 16 (checkpointing full, 26.0 GiB; "
+        "32 ran out of memory)",
+        "- largest micro-batch that fits, float32 AdamW moments: 2 (checkpointing full, 12.0 GiB; "
+        "4 ran out of memory)"]
+    # a cap reached is said as such, not as the largest that fits
+    limit[("bfloat16", "full")] = 100
+    capped = train_bench.probe_groups([(torch.bfloat16, "full", 16, True, True)], run, max_mb=32)
+    assert [r["micro_batch"] for r in capped] == [16, 32]
+    assert train_bench.largest_fitting(capped, max_mb=32) == [
+        "- largest micro-batch that fits, bfloat16 AdamW moments: 32 (checkpointing full, 42.0 GiB; "
+        "64 not tried (the probe stops at 32))"]
