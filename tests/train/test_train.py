@@ -88,6 +88,39 @@ def _cli(config: Path, *extra: str) -> list[str]:
 # ---- recipe pieces -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("clip", [1e-3, 1e3])
+def test_gradient_clipping_is_clip_grad_norm_bit_for_bit(tmp_path, datasets, clip):
+    # train_step takes the norm, then scales only where the limit binds; the gradients the
+    # optimizer sees must be exactly those of torch's clip_grad_norm_ (which always scales, by 1.0
+    # under the limit). The same seed and data give the same raw gradients in both runs.
+    from dropup.train.loop import Dist, setup, train_step
+
+    seen = {}
+    for limit in (clip, float("inf")):
+        over = {"optim.grad_clip": 1e30 if limit == float("inf") else limit, "steps": 1}
+        cfg = load_config(_write_yaml(tmp_path / f"c{limit}.yaml", _config(tmp_path / str(limit), datasets, **over)))
+        run = setup(cfg, False, Dist())
+        step = run.optimizer.step
+
+        def record(*a, _run=run, _step=step, _limit=limit, **k):
+            seen[_limit] = [p.grad.clone() for p in _run.model.parameters() if p.grad is not None]
+            return _step(*a, **k)
+
+        run.optimizer.step = record
+        seen[f"norm{limit}"] = train_step(run).grad_norm
+    raw = seen[float("inf")]
+    expected = [g.clone() for g in raw]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for p, g in zip(params, expected):
+        p.grad = g
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    assert seen[f"norm{clip}"] == seen[f"norm{float('inf')}"] == norm.item()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, seen[clip]))
+    assert (norm.item() > clip) == (clip == 1e-3)  # the limit binds in one case and not the other
+    if clip == 1e3:
+        assert all(torch.equal(a, b) for a, b in zip(seen[clip], raw))
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     lrs = [lr_at(s, 100, 2e-4, 2e-5, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(2e-5) and lrs[4] == pytest.approx(1e-4) and lrs[9] == pytest.approx(2e-4)
