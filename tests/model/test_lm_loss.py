@@ -51,3 +51,23 @@ def test_model_targets_path_equals_logits_path(tied):
     torch.testing.assert_close(got, ref)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the out_dtype GEMM accumulation "
+                    "and the compiled chunk are CUDA-only)")  # fmt: skip
+def test_chunked_lm_head_ce_on_cuda_under_bf16_autocast():
+    # The CUDA path: bf16 matmuls, the compiled chunk, the weight gradient accumulated in fp32 by
+    # addmm(out_dtype=float32). Against the plain fp32 loss: bf16-sized errors, not layout errors.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3000, 64, device="cuda", generator=gen, requires_grad=True)
+    w = (torch.randn(500, 64, device="cuda", generator=gen) * 0.1).requires_grad_()
+    t = torch.randint(0, 500, (3000,), device="cuda", generator=gen)
+    ref = F.cross_entropy(h @ w.t(), t)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = lm_head_cross_entropy(h, w, t, chunk=1024)  # three chunks, the last one short
+    fh, fw = torch.autograd.grad(got, (h, w))
+    assert fh.dtype == h.dtype and fw.dtype == w.dtype
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    for a, b in ((fh, gh), (fw, gw)):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
