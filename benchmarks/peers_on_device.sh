@@ -21,7 +21,7 @@ if ! ls .whl/gg/*.whl >/dev/null 2>&1 && [ -f .whl/src/grouped_gemm-0.3.0.tar.gz
   tar xzf .whl/src/grouped_gemm-0.3.0.tar.gz -C /tmp/gg-build
   (cd /tmp/gg-build/grouped_gemm-0.3.0 && GROUPED_GEMM_CUTLASS=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 \
     python3 -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps --no-index . -w "$ROOT/.whl/gg")
-  [ -n "${OUT:-}" ] && cp .whl/gg/*.whl "$OUT/"
+  if [ -n "${OUT:-}" ]; then cp .whl/gg/*.whl "$OUT/"; fi
 fi
 GG=""
 if ls .whl/gg/*.whl >/dev/null 2>&1; then pip_target /tmp/gg .whl/gg/*.whl; GG=/tmp/gg:; fi
