@@ -172,6 +172,14 @@ def olmo_core_model(shape: tuple, seq: int, device, compiled: bool):
 PEERS = {"torchtitan": torchtitan_model, "ai2-olmo-core": olmo_core_model}
 
 
+def installed(names) -> list[tuple[str, str, object]]:
+    """(distribution, version, builder) of each peer that is installed and whose label is in
+    ``names``, in PEERS order."""
+    versions = peer_versions()
+    return [(dist, versions[dist], build) for dist, build in PEERS.items()
+            if dist in versions and label(dist) in names]
+
+
 def label(dist: str) -> str:
     """A peer's name in the table: its distribution's name, less the "ai2-" of OLMo-core's."""
     return dist.removeprefix("ai2-")

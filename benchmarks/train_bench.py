@@ -182,7 +182,7 @@ def time_training(step_fn, model, shape, device, steps: int, warmup: int,
     t = statistics.median(times)
     tokens = mb * seq * accum
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"step_s": t, "tokens_per_s": tokens / t,
+    return {"step_s": t, "tokens_per_s": tokens / t, "accum": accum,
             "tflops": flops_per_token(shape, seq) * tokens / t / 1e12, "peak_gib": peak,
             "loss_last": losses[-1]}
 
@@ -314,29 +314,26 @@ def bench_shape(sname, shape, device, args) -> list[dict]:
             return model, dropup_step_fn(model, moe)
         return make
 
-    if args.no_dropup:
-        pass
-    elif not args.no_eager:
-        rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps,
-                                  args.warmup))
-    if not args.no_compile and not args.no_dropup:
-        rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
-                                  args.warmup))
-    if args.accum > 1 and not args.no_dropup:
-        how = "eager" if args.no_compile else "compiled"
-        rows.append(run_contender(f"dropup ({how}), {args.accum} micro-batches per optimizer step",
-                                  dropup_maker(not args.no_compile), shape, device, args.steps,
-                                  args.warmup, accum=args.accum))
+    if not args.no_dropup:
+        if not args.no_eager:
+            rows.append(run_contender("dropup (eager)", dropup_maker(False), shape, device, args.steps,
+                                      args.warmup))
+        if not args.no_compile:
+            rows.append(run_contender("dropup (compiled)", dropup_maker(True), shape, device, args.steps,
+                                      args.warmup))
+        if args.accum > 1:
+            how = "eager" if args.no_compile else "compiled"
+            rows.append(run_contender(f"dropup ({how}), {args.accum} micro-batches per optimizer step",
+                                      dropup_maker(not args.no_compile), shape, device, args.steps,
+                                      args.warmup, accum=args.accum))
     if not args.no_peers:
         seq = SEQ if device.type == "cuda" else 64
         compiled = not args.no_compile
-        installed = peers.peer_versions()
-        for dist, build in peers.PEERS.items():
-            if dist in installed and peers.label(dist) in args.peers:
-                label = (f"{peers.label(dist)} {installed[dist]} ({'compiled' if compiled else 'eager'}"
-                         f"{peers.caveat(dist, moe)})")
-                rows.append(run_contender(label, lambda build=build: build(shape, seq, device, compiled),
-                                          shape, device, args.steps, args.warmup))
+        for dist, version, build in peers.installed(args.peers):
+            label = (f"{peers.label(dist)} {version} ({'compiled' if compiled else 'eager'}"
+                     f"{peers.caveat(dist, moe)})")
+            rows.append(run_contender(label, lambda build=build: build(shape, seq, device, compiled),
+                                      shape, device, args.steps, args.warmup))
     if not args.no_hf:
         impls = ["eager", "grouped_mm", "batched_mm"] if moe else [None]
         for impl in impls:
@@ -444,9 +441,8 @@ def profile_step(sname, shape, device, out_dir, peers_too: tuple[str, ...] = ())
 
     makers = {"dropup": dropup_make}
     seq = SEQ if device.type == "cuda" else 64
-    for dist, build in peers.PEERS.items():
-        if dist in peers.peer_versions() and peers.label(dist) in peers_too:
-            makers[peers.label(dist)] = lambda build=build: build(shape, seq, device, True)
+    for dist, _, build in peers.installed(peers_too):
+        makers[peers.label(dist)] = lambda build=build: build(shape, seq, device, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # Self time: each kernel (and each op's own host work) once, not again in every parent op.
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -528,12 +524,12 @@ def targets(rows: list[dict], ceiling: float) -> list[str]:
         if dense in ours:
             line(f"{moe} MoE / dense model TFLOP/s (dropup)", r["tflops"] / ours[dense]["tflops"], 0.95,
                  "{:.2f}x")
-    accum = {r["shape"]: r for r in rows if "micro-batches per optimizer step" in r["contender"] and "error" not in r}
+    accum = {r["shape"]: r for r in rows if r.get("accum", 1) > 1 and "error" not in r}
     for moe, (dense, _) in TARGETS.items():
         if moe in accum and dense in accum:
             ratio = accum[moe]["tflops"] / accum[dense]["tflops"]
             out.append(f"- for information, not a target: {moe} MoE / dense model TFLOP/s with "
-                       f"{accum[moe]['contender'].split(', ')[1]}: {ratio:.2f}x")
+                       f"{accum[moe]['accum']} micro-batches per optimizer step: {ratio:.2f}x")
     full = [r for r in rows if r["shape"].startswith("8x1.5b (24") and "error" not in r]
     if full:
         best = max(full, key=lambda r: r["tflops"])

@@ -40,8 +40,8 @@ def test_targets_are_judged_from_the_measured_numbers(train_bench):
             _row("8x1.5b-4l", "dropup (compiled)", 10.0, 500.0),
             _row("8x1.5b-4l", "torchtitan 0.2.2 (compiled)", 8.0, 400.0),
             _row("1.5b-4l", "dropup (compiled)", 20.0, 520.0),
-            _row("8x152m", "dropup (compiled), 8 micro-batches per optimizer step", 130.0, 330.0),
-            _row("152m", "dropup (compiled), 8 micro-batches per optimizer step", 210.0, 344.0),
+            dict(_row("8x152m", "dropup (compiled), 8 micro-batches per optimizer step", 130.0, 330.0), accum=8),
+            dict(_row("152m", "dropup (compiled), 8 micro-batches per optimizer step", 210.0, 344.0), accum=8),
             _row("8x1.5b (24 layers)", "dropup, selective", 1.0, 430.0),
             {"shape": "8x1.5b (24 layers)", "contender": "dropup, none, micro-batch 8", "error": "out of memory"}]
     lines = train_bench.targets(rows, ceiling=800.0)
