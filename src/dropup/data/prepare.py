@@ -239,6 +239,7 @@ class _Progress:
 # would share the cores with the tokenizer's threads and slow them down.
 _worker_tok = None
 _worker_eos = 0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _init_worker(tokenizer_json: str, eos_id: int) -> None:
@@ -247,9 +248,12 @@ def _init_worker(tokenizer_json: str, eos_id: int) -> None:
 
     # The parent owns the workers' lifetime: on Ctrl-C or SIGTERM (sent to the whole process
     # group by terminals and schedulers) it stops the pool itself, and a worker that raised too
-    # would only print a traceback of its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # would only print a traceback of its own. The worker was forked with both signals blocked
+    # (see _worker_pool); ignoring them discards any that arrived meanwhile.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
 
     _worker_tok, _worker_eos = Tokenizer.from_str(tokenizer_json), eos_id
@@ -288,13 +292,29 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _worker_pool(workers: int, tok: LoadedTokenizer) -> ProcessPoolExecutor:
-    """Forked workers (cheap: no re-import of torch). The tokenizers library notices the fork and
+    """A pool whose forked workers (cheap: no re-import of torch) are already running.
+
+    A fork copies this process's Python signal handlers, so a SIGTERM to the process group while a
+    worker is still starting would raise the CLI's interrupt inside the worker and print its
+    traceback. The workers are therefore forked with SIGINT and SIGTERM blocked, and their
+    initializer ignores both before unblocking them. The tokenizers library notices the fork and
     runs single-threaded in the children, which is what we want there; setting
-    TOKENIZERS_PARALLELISM while they start only silences its warning about it."""
+    TOKENIZERS_PARALLELISM while they fork only silences its warning about it."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                initargs=(tok.backend.to_str(), tok.eos_id))
+    env_before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        pool.submit(int)  # under fork, the first submit starts every worker, here and now
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if env_before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    return pool
 
 
 class _ByteCounts:
@@ -382,13 +402,9 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
     workers = opts.threads or os.cpu_count() or 1
     pool = _worker_pool(workers, tok)
     window: deque = deque()  # batches in flight, oldest first: results are written in input order
-    env_before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         for texts in _batches(files, ropts, int(opts.batch_mb * 2**20)):
             window.append((len(texts), batch_owners(len(texts)), pool.submit(_encode_batch, texts)))
-            if env_before is None and "TOKENIZERS_PARALLELISM" in os.environ:
-                del os.environ["TOKENIZERS_PARALLELISM"]  # the workers exist after the first submit
             if len(window) > 2 * workers:  # bounded memory: at most 2 batches per worker in flight
                 n, owners, fut = window.popleft()
                 write(n, owners, fut.result())
@@ -398,8 +414,6 @@ def _tokenize_into(writer: TokenWriter, tok: LoadedTokenizer, files: list[InputF
         if held:
             add_doc("val" if docs_done > 1 else "train", *held.pop())
     finally:
-        if env_before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
