@@ -118,8 +118,11 @@ def issue16():
     shutil.rmtree(run / "ckpt" / "step_30")
     subprocess.run(cmd3 + ["--resume"], check=True, capture_output=True)
     again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    print("resumed losses", [round(x["loss"], 6) for x in again if x["step"] > 15],
-          "uninterrupted", [round(x["loss"], 6) for x in full if x["step"] > 15])
+    resumed = [x["loss"] for x in again if x["step"] > 15]
+    straight = [x["loss"] for x in full if x["step"] > 15]
+    print("resumed losses", [round(v, 6) for v in resumed], "uninterrupted", [round(v, 6) for v in straight],
+          "- bit for bit" if resumed == straight else "- NOT bit for bit (information: CUDA kernels may "
+          "accumulate in any order)")
     print("GPU smoke of issue 16 (meta loading, selective checkpointing, fused bf16-moment AdamW): passed")
 
 

@@ -157,3 +157,73 @@ def test_full_probe_doubles_until_out_of_memory_and_names_the_largest(train_benc
     assert train_bench.largest_fitting(capped, max_mb=32) == [
         "- largest micro-batch that fits, bfloat16 AdamW moments: 32 (checkpointing full, 42.0 GiB; "
         "64 not tried (the probe stops at 32))"]
+
+
+# ---- benchmarks/peers_on_device.sh, the README's reproduce command: its install, build and path
+# logic on the CPU, with a stand-in wheel, a stand-in grouped_gemm sdist and a stand-in bench ----
+
+_FAKE_BENCH = """import sys, os, fakepeer, grouped_gemm
+print("bench", sys.argv[1:], fakepeer.VERSION, grouped_gemm.CUTLASS, os.environ["HF_HUB_OFFLINE"])
+"""
+_FAKE_GG_SETUP = """import os
+from setuptools import setup
+with open("grouped_gemm.py", "w") as f:  # what the build saw: the real one picks its backend so
+    f.write(f"CUTLASS = {os.environ.get('GROUPED_GEMM_CUTLASS')!r}\\n")
+setup(name="grouped_gemm", version="0.3.0", py_modules=["grouped_gemm"])
+"""
+
+
+def _wheel(path: Path, name: str, version: str, module_text: str) -> None:
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": module_text, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+
+
+def test_peers_on_device_installs_the_wheels_builds_grouped_gemm_once_and_runs_the_bench(tmp_path):
+    import os
+    import shutil
+    import tarfile
+
+    root, out, peers = tmp_path / "repo", tmp_path / "out", tmp_path / "peers"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "benchmarks" / "train_bench.py").write_text(_FAKE_BENCH)
+    (root / ".whl" / "src").mkdir(parents=True)
+    out.mkdir()
+    _wheel(root / ".whl", "fakepeer", "1.0", "VERSION = '1.0'\n")
+    sdist = tmp_path / "grouped_gemm-0.3.0"
+    sdist.mkdir()
+    (sdist / "setup.py").write_text(_FAKE_GG_SETUP)
+    with tarfile.open(root / ".whl" / "src" / "grouped_gemm-0.3.0.tar.gz", "w:gz") as t:
+        t.add(sdist, arcname="grouped_gemm-0.3.0")
+    bindir = tmp_path / "bin"  # the script calls python3: this environment's, with pip and setuptools
+    bindir.mkdir()
+    (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
+    (bindir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+    env.update(PATH=f"{bindir}:{env['PATH']}", PEERS_DIR=str(peers), OUT=str(out), PIP_DISABLE_PIP_VERSION_CHECK="1")
+
+    def run():
+        return subprocess.run(["bash", str(BENCH / "peers_on_device.sh"), "--no-hf", "--x"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "bench ['--no-hf', '--x'] 1.0 1 1" in r.stdout  # arguments passed on, the CUTLASS build
+    built = list((root / ".whl" / "gg").glob("grouped_gemm-0.3.0-*.whl"))
+    assert len(built) == 1 and (out / built[0].name).is_file()  # kept for the next run, and sent back
+    shutil.rmtree(peers / "build")
+    (out / built[0].name).unlink()
+    r = run()  # the next run takes the wheel built before and builds nothing
+    assert r.returncode == 0 and "bench" in r.stdout, r.stderr
+    assert not (peers / "build").exists() and not list(out.iterdir())
+
+    shutil.rmtree(root / ".whl")
+    r = run()
+    assert r.returncode == 2 and "no wheels in .whl/" in r.stderr and "bench" not in r.stdout
