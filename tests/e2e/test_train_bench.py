@@ -165,27 +165,37 @@ def test_full_probe_doubles_until_out_of_memory_and_names_the_largest(train_benc
 _FAKE_BENCH = """import sys, os, fakepeer, grouped_gemm
 print("bench", sys.argv[1:], fakepeer.VERSION, grouped_gemm.CUTLASS, os.environ["HF_HUB_OFFLINE"])
 """
-_FAKE_GG_SETUP = """import os
-from setuptools import setup
-with open("grouped_gemm.py", "w") as f:  # what the build saw: the real one picks its backend so
-    f.write(f"CUTLASS = {os.environ.get('GROUPED_GEMM_CUTLASS')!r}\\n")
-setup(name="grouped_gemm", version="0.3.0", py_modules=["grouped_gemm"])
+_FAKE_GG_PYPROJECT = """[build-system]
+requires = []
+build-backend = "gg_backend"
+backend-path = ["."]
+"""
+# The stand-in grouped_gemm's in-tree build backend (so the build needs only pip, not setuptools
+# or wheel); it records what the build saw: the real one picks its GEMM backend from this variable.
+_FAKE_GG_BACKEND = """
+import os
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    return _wheel(wheel_directory, "grouped_gemm", "0.3.0", f"CUTLASS = {os.environ.get('GROUPED_GEMM_CUTLASS')!r}\\n")
 """
 
 
-def _wheel(path: Path, name: str, version: str, module_text: str) -> None:
+def _wheel(where, name: str, version: str, module_text: str) -> str:
+    """A pure-Python wheel written by hand (its source is also the stand-in build backend's)."""
     import zipfile
 
     info = f"{name}-{version}.dist-info"
     files = {f"{name}.py": module_text, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
              f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
-    with zipfile.ZipFile(path / f"{name}-{version}-py3-none-any.whl", "w") as z:
+    wheel = f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(f"{where}/{wheel}", "w") as z:
         for f, text in files.items():
             z.writestr(f, text)
+    return wheel
 
 
 def test_peers_on_device_installs_the_wheels_builds_grouped_gemm_once_and_runs_the_bench(tmp_path):
+    import inspect
     import os
     import shutil
     import tarfile
@@ -199,10 +209,11 @@ def test_peers_on_device_installs_the_wheels_builds_grouped_gemm_once_and_runs_t
     _wheel(root / ".whl", "fakepeer", "1.0", "VERSION = '1.0'\n")
     sdist = tmp_path / "grouped_gemm-0.3.0"
     sdist.mkdir()
-    (sdist / "setup.py").write_text(_FAKE_GG_SETUP)
+    (sdist / "pyproject.toml").write_text(_FAKE_GG_PYPROJECT)
+    (sdist / "gg_backend.py").write_text(_FAKE_GG_BACKEND + "\n" + inspect.getsource(_wheel))
     with tarfile.open(root / ".whl" / "src" / "grouped_gemm-0.3.0.tar.gz", "w:gz") as t:
         t.add(sdist, arcname="grouped_gemm-0.3.0")
-    bindir = tmp_path / "bin"  # the script calls python3: this environment's, with pip and setuptools
+    bindir = tmp_path / "bin"  # the script calls python3: this environment's, with its pip
     bindir.mkdir()
     (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
     (bindir / "python3").chmod(0o755)
