@@ -6,11 +6,12 @@
 # The peers travel as wheels in .whl/ (git-ignored; the list and the download command are in
 # benchmarks/README.md) and are installed under $PEERS_DIR (default /tmp/dropup-peers).
 # OLMo-core's dropless MoE needs the grouped_gemm CUDA extension, which has no wheel: a wheel
-# built earlier is taken from .whl/gg/, else it is built here from .whl/src/grouped_gemm-0.3.0.tar.gz against the machine's torch
-# (about two minutes on 16 cores). It is built with GROUPED_GEMM_CUTLASS=1: OLMo-core passes the
-# per-expert token counts as a GPU tensor, which only the CUTLASS backend takes (the default
-# cuBLAS backend stops with "Expected batch_sizes.is_cpu()"). With OUT set, the built wheel is
-# copied to $OUT/ so that the next run can carry it in .whl/gg/.
+# built earlier is taken from .whl/gg/, else it is built here from
+# .whl/src/grouped_gemm-0.3.0.tar.gz against the machine's torch (about two minutes on 16
+# cores). It is built with GROUPED_GEMM_CUTLASS=1: OLMo-core passes the per-expert token counts
+# as a GPU tensor, which only the CUTLASS backend takes (the default cuBLAS backend stops with
+# "Expected batch_sizes.is_cpu()"). With OUT set, the built wheel is copied to $OUT/ so that the
+# next run can carry it in .whl/gg/.
 set -eu
 ROOT=$PWD
 DIR=${PEERS_DIR:-/tmp/dropup-peers}

@@ -394,11 +394,11 @@ def test_workers_start_with_the_stop_signals_blocked_until_they_ignore_them(tmp_
 
     from dropup.data import prepare as prep
 
-    real, seen = prep._init_worker, tmp_path / "mask"
+    real = prep._init_worker
 
     def recording_init(*args):
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        seen.with_name(f"mask.{os.getpid()}").write_text(" ".join(str(int(s)) for s in sorted(blocked)))
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # adds nothing: reads the mask
+        (tmp_path / f"mask.{os.getpid()}").write_text(" ".join(str(int(s)) for s in sorted(blocked)))
         real(*args)
 
     monkeypatch.setattr(prep, "_init_worker", recording_init)
