@@ -4,10 +4,14 @@ builder (peers.py) makes the configured model where OLMo-core is installed (the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -181,7 +185,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 
 def _wheel(where, name: str, version: str, module_text: str) -> str:
     """A pure-Python wheel written by hand (its source is also the stand-in build backend's)."""
-    import zipfile
+    import zipfile  # imported here: this function's source is the backend's too
 
     info = f"{name}-{version}.dist-info"
     files = {f"{name}.py": module_text, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
@@ -195,11 +199,6 @@ def _wheel(where, name: str, version: str, module_text: str) -> str:
 
 
 def test_peers_on_device_installs_the_wheels_builds_grouped_gemm_once_and_runs_the_bench(tmp_path):
-    import inspect
-    import os
-    import shutil
-    import tarfile
-
     root, out, peers = tmp_path / "repo", tmp_path / "out", tmp_path / "peers"
     (root / "benchmarks").mkdir(parents=True)
     (root / "src").mkdir()
